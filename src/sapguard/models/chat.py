@@ -1,0 +1,52 @@
+"""How text becomes token ids: the same chat-template policy for extraction, detection and steering.
+
+Templates:
+    ``"chat"``: the tokenizer's chat template with the prompt as the user turn and the generation
+        prompt appended; a response is appended as the raw tokens the model would generate,
+        without an end-of-turn marker, so feature reads match generation-time states.
+    ``"none"``: the raw prompt (with the tokenizer's special tokens, e.g. BOS), response appended.
+    ``"auto"``: ``"chat"`` when the tokenizer has a chat template, else ``"none"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sapguard.errors import SapError
+
+TEMPLATES = ("auto", "chat", "none")
+
+
+def resolve_template(tokenizer: Any, template: str) -> str:
+    """Resolve ``"auto"`` and check that ``"chat"`` is possible for this tokenizer."""
+    if template not in TEMPLATES:
+        raise SapError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        return "chat" if has_chat else "none"
+    if template == "chat" and not has_chat:
+        raise SapError("the tokenizer has no chat template; use template 'none'")
+    return template
+
+
+def encode_prompt(tokenizer: Any, prompt: str, template: str) -> list[int]:
+    """Token ids of a prompt ready for generation under ``template`` (already resolved)."""
+    if template == "chat":
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, prompt: str, response: str | None, template: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the number of prompt tokens.
+
+    The response is tokenised on its own and appended, exactly as generated tokens follow the
+    prompt during generation.
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt, template)
+    if not response:
+        return prompt_ids, len(prompt_ids)
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    return prompt_ids + response_ids, len(prompt_ids)
