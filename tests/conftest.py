@@ -31,7 +31,8 @@ _WORDS = (
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with a chat template, built offline."""
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + ["\n", "user", "assistant", "system"] + _WORDS)}
+    tokens = list(dict.fromkeys(specials + ["\n", "user", "assistant", "system"] + _WORDS))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()])

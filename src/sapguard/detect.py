@@ -76,7 +76,7 @@ def margins_for(
     with torch.no_grad():
         row_margins = poly.margins(feats.to(next(poly.parameters()).device)).cpu()
     out = torch.full((len(records), poly.num_facets), float("-inf"))
-    out.index_reduce_(0, index, row_margins, reduce="amax")
+    out.scatter_reduce_(0, index[:, None].expand_as(row_margins), row_margins, reduce="amax")
     missing = torch.isinf(out).all(dim=1)
     if missing.any():  # a response too short to read: fall back to the prompt
         sub = [records[i] for i in missing.nonzero().flatten().tolist()]

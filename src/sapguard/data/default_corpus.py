@@ -138,6 +138,16 @@ CORPUS_SOURCES: tuple[CorpusSource, ...] = (
         url="https://github.com/sapguard/sapguard",
         description="Hand-written everyday requests (cooking, code, writing, learning, travel); all safe.",
     ),
+    CorpusSource(
+        name="sapguard/curated-tasks",
+        wheel=None,
+        members=("sapguard/data/curated.py:BENIGN_TASKS",),
+        licence="Apache-2.0",
+        url="https://github.com/sapguard/sapguard",
+        description="Hand-written benign requests in the imperative style of AdvBench/HarmBench "
+        "('Write a script that ...', 'Develop a strategy for ...'), against the style confound "
+        "(imperative = unsafe); all safe.",
+    ),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +463,8 @@ def _read_writingbench(read: Reader, max_chars: int = 400) -> list[Record]:
 def _read_curated() -> list[Record]:
     edgy = [Record(prompt=p, is_safe=True, source="sapguard/curated") for _, p in curated.EDGY_BENIGN]
     everyday = [Record(prompt=p, is_safe=True, source="sapguard/curated-everyday") for _, p in curated.EVERYDAY]
-    return edgy + everyday
+    tasks = [Record(prompt=p, is_safe=True, source="sapguard/curated-tasks") for _, p in curated.BENIGN_TASKS]
+    return edgy + everyday + tasks
 
 
 def records_from_readers(read: Reader) -> list[Record]:

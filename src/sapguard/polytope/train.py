@@ -103,16 +103,21 @@ def assign_facets(violations: torch.Tensor, usage: torch.Tensor, entropy_weight:
     Returns:
         ``[n]`` assigned facet per row.
     """
-    v = violations.detach().float().cpu()
+    v = violations.detach().float().cpu().numpy()
     n, k = v.shape
-    assigned = torch.empty(n, dtype=torch.long)
-    spread = v.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6) if k > 1 else torch.ones(n, 1)
+    assigned = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return torch.from_numpy(assigned)
+    spread = np.maximum(v.std(axis=1, keepdims=True), 1e-6) if k > 1 else np.ones((n, 1), dtype=np.float32)
     normalised = v / spread
-    for i in torch.argsort(v.max(dim=1).values, descending=True).tolist():
-        share = (usage + 1.0) / (usage.sum() + k)
-        a = int(torch.argmax(normalised[i] - entropy_weight * torch.log(share)))
+    counts = usage.double().numpy().copy()
+    for i in np.argsort(-v.max(axis=1), kind="stable"):
+        share = (counts + 1.0) / (counts.sum() + k)
+        a = int(np.argmax(normalised[i] - entropy_weight * np.log(share)))
         assigned[i] = a
-        usage[a] += 1
+        counts[a] += 1
+    usage.copy_(torch.from_numpy(counts))
+    assigned = torch.from_numpy(assigned)
     return assigned
 
 

@@ -1,0 +1,34 @@
+"""What each facet learned: specialisation (MI and matching), per-facet views, word attribution, report.
+
+Example:
+    >>> from sapguard.interpret import analyse_specialisation  # doctest: +SKIP
+    >>> spec = analyse_specialisation(poly, x_test, y_test, records_test)  # doctest: +SKIP
+    >>> spec.matching[0]  # doctest: +SKIP
+    {'category': 'cybercrime', 'facet': 3, 'facet_name': 'cybercrime', 'mi_binned': 0.21, 'mi_fired': 0.12}
+"""
+
+from sapguard.interpret.attribution import WordScore, highlight_html, word_attribution
+from sapguard.interpret.naming import apply_facet_names, suggested_names
+from sapguard.interpret.report import build_report
+from sapguard.interpret.specialisation import (
+    Specialisation,
+    analyse_specialisation,
+    match_categories,
+    mi_matrix,
+)
+from sapguard.interpret.views import FacetViews, facet_views
+
+__all__ = [
+    "FacetViews",
+    "Specialisation",
+    "WordScore",
+    "analyse_specialisation",
+    "apply_facet_names",
+    "build_report",
+    "facet_views",
+    "highlight_html",
+    "match_categories",
+    "mi_matrix",
+    "suggested_names",
+    "word_attribution",
+]

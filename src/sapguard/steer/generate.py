@@ -1,0 +1,214 @@
+"""Steered generation: prompts in, responses with per-token traces out.
+
+``refuse`` runs the hook in trace-only mode and answers rows where the polytope fired (on the
+prompt or on any generated token under the token policy) with ``refusal_text``. Fallback: when
+SafeFlow's optimisation goes non-finite for a row, that row is answered with ``refusal_text``
+too and marked ``fallback="refusal"``; steering never silently returns an unsteered answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sapguard.errors import SapError
+from sapguard.features.hooks import left_pad
+from sapguard.models.chat import encode_prompt, resolve_template
+from sapguard.models.loading import LoadedModel
+from sapguard.polytope.artifact import check_compatible
+from sapguard.polytope.model import SafetyPolytope
+from sapguard.steer.hook import SteeringHook
+from sapguard.steer.modes import SteeringMode, make_mode
+from sapguard.steer.trace import TokenTrace, TraceSummary, row_trace
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REFUSAL = "I can't help with that request."
+
+
+@dataclass
+class Generation:
+    """One prompt's answer.
+
+    Attributes:
+        prompt: The user prompt.
+        response: The decoded answer (EOS and what follows removed).
+        token_ids: The generated ids up to (excluding) EOS.
+        mode: Steering mode name, or ``"none"``.
+        trace: Per generated token (empty without a polytope).
+        summary: Counts over the trace.
+        refused: The answer was replaced by the refusal text (``refuse`` mode or fallback).
+        fallback: ``"refusal"`` when SafeFlow failed and the fallback answered, else ``None``.
+        logits: ``[len(token_ids), V]`` next-token logits when requested.
+    """
+
+    prompt: str
+    response: str
+    token_ids: list[int]
+    mode: str
+    trace: list[TokenTrace] = field(default_factory=list)
+    summary: TraceSummary = field(default_factory=TraceSummary)
+    refused: bool = False
+    fallback: str | None = None
+    logits: torch.Tensor | None = None
+
+    def to_json(self, with_trace: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompt": self.prompt, "response": self.response, "mode": self.mode, "refused": self.refused,
+            "fallback": self.fallback, "summary": self.summary.to_json(),
+        }
+        if with_trace:
+            out["trace"] = [t.to_json() for t in self.trace]
+        return out
+
+
+def encode_for_generation(tokenizer: Any, prompt: str, template: str, system: str | None = None) -> list[int]:
+    """Prompt ids under the (resolved) template, optionally with a system turn (chat only)."""
+    if system is None:
+        return encode_prompt(tokenizer, prompt, template)
+    if template != "chat":
+        raise SapError("a system prompt needs the chat template")
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end a response."""
+    ids: set[int] = set()
+    for value in (getattr(lm.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _context_window(lm: LoadedModel) -> int | None:
+    cfg = lm.model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: list[str],
+    poly: SafetyPolytope | None = None,
+    mode: str | SteeringMode | None = "safeflow",
+    *,
+    tokens: str = "first_n",
+    first_n: int = 20,
+    threshold: float = 0.0,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 8,
+    system: str | None = None,
+    template: str | None = None,
+    refusal_text: str = DEFAULT_REFUSAL,
+    mode_options: dict[str, Any] | None = None,
+    return_logits: bool = False,
+    show_progress: bool = False,
+) -> list[Generation]:
+    """Generate answers, steered by ``poly`` in ``mode`` (or plainly when ``poly``/``mode`` is None).
+
+    Args:
+        lm: The base model (must match the polytope: id, hidden size, layer).
+        prompts: User prompts (non-empty).
+        poly: The polytope, or ``None`` for plain generation.
+        mode: ``"safeflow"``, ``"redirect"``, ``"refuse"``, ``"detect"``, a mode object, or ``None``.
+        tokens, first_n, threshold: See :class:`~sapguard.steer.hook.SteeringHook`.
+        max_new_tokens, do_sample, temperature, top_p, seed: Decoding settings.
+        system: Optional system prompt (chat template only).
+        template: Override of the polytope's template (default: its ``meta["template"]`` or auto).
+        refusal_text: Answer for ``refuse`` mode and the SafeFlow fallback.
+        mode_options: Overrides passed to :func:`~sapguard.steer.modes.make_mode`.
+        return_logits: Keep each step's next-token logits (for KL measurements).
+
+    Raises:
+        SapError: for an empty prompt, a prompt longer than the context window or a polytope
+            made for another model.
+    """
+    if not prompts:
+        raise SapError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise SapError(f"prompt {i + 1} is empty")
+    if max_new_tokens < 1:
+        raise SapError("max_new_tokens must be at least 1")
+    steering = poly is not None and mode is not None
+    mode_obj: SteeringMode | None = None
+    if steering:
+        assert poly is not None
+        check_compatible(poly, lm.identity())
+        mode_obj = make_mode(mode, poly, **(mode_options or {})) if isinstance(mode, str) else mode
+    template = resolve_template(lm.tokenizer, template or (poly.meta.get("template") if poly is not None else None) or "auto")
+    encoded = [encode_for_generation(lm.tokenizer, p, template, system) for p in prompts]
+    window = _context_window(lm)
+    for i, ids in enumerate(encoded):
+        if window and len(ids) + max_new_tokens > window:
+            raise SapError(f"prompt {i + 1} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the {window}-token context window")
+    mode_name = (mode if isinstance(mode, str) else mode_obj.name if mode_obj else "none") if steering else "none"
+    stops = eos_ids(lm)
+    if seed is not None:
+        torch.manual_seed(seed)
+    hook = SteeringHook(lm.model, poly, mode_obj, tokens=tokens, first_n=first_n, threshold=threshold) if steering else None  # type: ignore[arg-type]
+    results: list[Generation] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    try:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not show_progress):
+            results.extend(
+                zip(batch, _generate_batch(lm, [prompts[i] for i in batch], [encoded[i] for i in batch], hook, mode_name,
+                                           stops, max_new_tokens, do_sample, temperature, top_p, refusal_text, return_logits, poly))
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
+    results.sort(key=lambda pair: pair[0])
+    return [g for _, g in results]
+
+
+def _generate_batch(
+    lm: LoadedModel, prompts: list[str], encoded: list[list[int]], hook: SteeringHook | None, mode_name: str,
+    stops: set[int], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, refusal_text: str,
+    return_logits: bool, poly: SafetyPolytope | None,
+) -> list[Generation]:
+    inputs = left_pad(encoded, lm.tokenizer.pad_token_id, lm.device)
+    inputs.pop("position_ids")
+    if hook is not None:
+        hook.reset()
+    sampling: dict[str, Any] = {"do_sample": do_sample}
+    if do_sample:
+        sampling.update(temperature=temperature, top_p=top_p)
+    else:
+        sampling.update(temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = lm.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id,
+            return_dict_in_generate=True, output_logits=return_logits, **sampling,
+        )
+    width = inputs["input_ids"].shape[1]
+    new = out.sequences[:, width:].tolist()
+    gens = []
+    for row, (prompt, ids) in enumerate(zip(prompts, new)):
+        cut = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+        ids = ids[:cut]
+        gen = Generation(prompt, lm.tokenizer.decode(ids, skip_special_tokens=True), ids, mode_name)
+        if return_logits and out.logits:
+            gen.logits = torch.stack([step[row] for step in out.logits[:cut]]).float().cpu() if cut else torch.zeros(0)
+        if hook is not None and poly is not None:
+            toks = lm.tokenizer.convert_ids_to_tokens(ids)
+            gen.trace, gen.summary = row_trace(hook.trace, row, toks, poly.facet_names)
+            if gen.summary.failed_tokens:
+                gen.response, gen.refused, gen.fallback = refusal_text, True, "refusal"
+            elif mode_name == "refuse" and (gen.summary.prompt_fired or gen.summary.fired_tokens):
+                gen.response, gen.refused = refusal_text, True
+        gens.append(gen)
+    return gens

@@ -1,0 +1,243 @@
+"""The steering hook: a forward hook on the decoder block of the polytope's layer.
+
+Layer numbering is the extraction one (:mod:`sapguard.models.layers`): a polytope for layer L
+edits the output of block ``L - 1`` (0-based), which is what ``hidden_states[L]`` reads.
+
+Positions and the KV cache: the first forward of a sequence (the prefill) sees every prompt
+position; with a cache each later forward sees one new position. The *emitting* position of a
+call is its last one (it produces the next token); generated-token index 0 is the last prompt
+position. Token policies select which positions may be edited:
+
+- ``prompt``: every prompt position (prefill only, including the last one);
+- ``generated``: every emitting position (last prompt position, then each new position);
+- ``first_n``: the first ``first_n`` emitting positions (paper default 20);
+- ``all``: both.
+
+Pad positions (``attention_mask == 0``) are never read into decisions nor edited. Without a KV
+cache (``use_cache=False``) every call is a prefill and only its emitting position counts as
+generated. A position is edited only when the polytope fires there (for gated modes): if nothing
+fires in a call, the block's output object is returned untouched, so the model's outputs are
+bit-identical to the unsteered model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from sapguard.errors import SapError
+from sapguard.models.layers import block_for_layer, rewrap_hidden, unwrap_hidden
+from sapguard.polytope.model import SafetyPolytope
+from sapguard.steer.modes import SteeringMode
+from sapguard.steer.trace import TraceStep
+
+logger = logging.getLogger(__name__)
+
+TOKEN_POLICIES = ("prompt", "generated", "first_n", "all")
+
+
+class SteeringHook:
+    """Hooks that steer one model with one polytope. Use as a context manager or call :meth:`remove`.
+
+    Args:
+        model: The causal LM (a transformers ``PreTrainedModel``).
+        poly: The polytope; its ``meta["layer"]`` picks the block unless ``layer`` is given.
+        mode: A :class:`~sapguard.steer.modes.SteeringMode`.
+        tokens: Token policy (:data:`TOKEN_POLICIES`).
+        first_n: Number of generated tokens for ``first_n``.
+        threshold: A position fires when its max margin exceeds this value.
+        layer: Override of the layer.
+        path_template: Explicit decoder-block path, e.g. ``"model.layers.{num}"``.
+
+    Attributes:
+        trace: One :class:`TraceStep` per forward call since the last :meth:`reset`.
+        edited_positions, total_steps: Running counters (for cost measurements).
+
+    Example:
+        >>> with SteeringHook(lm.model, poly, SafeFlow()) as hook:  # doctest: +SKIP
+        ...     out = lm.model.generate(**inputs, max_new_tokens=20)
+        >>> hook.trace[0].margins.shape  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        poly: SafetyPolytope,
+        mode: SteeringMode,
+        *,
+        tokens: str = "first_n",
+        first_n: int = 20,
+        threshold: float = 0.0,
+        layer: int | None = None,
+        path_template: str | None = None,
+    ):
+        if tokens not in TOKEN_POLICIES:
+            raise SapError(f"unknown token policy {tokens!r}; expected one of {', '.join(TOKEN_POLICIES)}")
+        if first_n < 0:
+            raise SapError("first_n must be non-negative")
+        layer = layer if layer is not None else poly.meta.get("layer")
+        if layer is None:
+            raise SapError("the polytope records no layer; pass layer=")
+        self.model = model
+        self.poly = poly
+        self.mode = mode
+        self.tokens = tokens
+        self.first_n = first_n
+        self.threshold = threshold
+        self.block = block_for_layer(model, int(layer), path_template)
+        self.trace: list[TraceStep] = []
+        self.edited_positions = 0
+        self.total_steps = 0
+        self._poly_cache: dict[torch.device, SafetyPolytope] = {}
+        self._attention_mask: torch.Tensor | None = None
+        self._cache_start: int | None = None
+        self._prompt_width = 0
+        self._seen = 0
+        self._handles: list[Any] = []
+        self.install()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the hooks (done by the constructor)."""
+        if self._handles:
+            return
+        self._handles = [
+            self.model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+            self.block.register_forward_hook(self._hook),
+        ]
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is back to its original behaviour."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self) -> None:
+        """Clear the trace before a new generation."""
+        self.trace = []
+
+    def __enter__(self) -> SteeringHook:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -- hook bodies -----------------------------------------------------------------------
+    def _capture_inputs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self._attention_mask = kwargs.get("attention_mask")
+        cache_position = kwargs.get("cache_position")
+        self._cache_start = int(cache_position.reshape(-1)[0]) if isinstance(cache_position, torch.Tensor) else None
+
+    def _poly_on(self, device: torch.device) -> SafetyPolytope:
+        if device not in self._poly_cache:
+            poly = copy.deepcopy(self.poly).to(device=device, dtype=torch.float32)
+            poly.requires_grad_(False)
+            self._poly_cache[device] = poly
+        return self._poly_cache[device]
+
+    def _positions(self, batch: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Selected ``[B, T]`` mask, real-token mask and the generated index of the last position."""
+        start = self._cache_start if self._cache_start is not None else (0 if width > 1 else self._seen)
+        if start == 0:
+            self._prompt_width = width
+        self._seen = start + width
+        gen = torch.arange(start, start + width, device=device) - (self._prompt_width - 1)
+        in_prompt = gen <= 0 if start == 0 else torch.zeros_like(gen, dtype=torch.bool)
+        emitting = gen >= 0
+        if self.tokens == "prompt":
+            sel = in_prompt
+        elif self.tokens == "generated":
+            sel = emitting
+        elif self.tokens == "first_n":
+            sel = emitting & (gen < self.first_n)
+        else:
+            sel = in_prompt | emitting
+        real = torch.ones(batch, width, dtype=torch.bool, device=device)
+        mask = self._attention_mask
+        if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= width:
+            real = mask[:, -width:].to(device).bool()
+        return sel[None, :].expand(batch, width) & real, real, int(gen[-1])
+
+    @torch.no_grad()
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = unwrap_hidden(output)
+        batch, width, _ = hidden.shape
+        selected, real, gen_last = self._positions(batch, width, hidden.device)
+        need = selected.clone()
+        need[:, -1] |= real[:, -1]
+        rows, cols = need.nonzero(as_tuple=True)
+        poly = self._poly_on(hidden.device)
+        h = hidden[rows, cols].float()
+        margins = poly.margins(h)
+        fired = margins.max(-1).values > self.threshold
+        new_h = h
+        steps = torch.zeros(len(h), dtype=torch.long, device=h.device)
+        failed = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        edit = selected[rows, cols] & (fired if self.mode.gated else True) & self.mode.edits
+        if bool(edit.any()):
+            result = self.mode.edit(h[edit], poly)
+            new_h = h.clone()
+            new_h[edit] = result.hidden
+            steps[edit] = result.steps
+            failed[edit] = result.failed
+            self.edited_positions += int(edit.sum())
+            self.total_steps += int(result.steps.sum())
+        self._record(batch, rows, cols, width, gen_last, margins, fired, selected[rows, cols], edit, h, new_h, steps, failed, poly)
+        if not bool(edit.any()):
+            return None
+        edited_hidden = hidden.clone()
+        edited_hidden[rows[edit], cols[edit]] = new_h[edit].to(hidden.dtype)
+        return rewrap_hidden(output, edited_hidden)
+
+    def _record(
+        self, batch: int, rows: torch.Tensor, cols: torch.Tensor, width: int, gen_last: int, margins: torch.Tensor,
+        fired: torch.Tensor, chosen: torch.Tensor, edit: torch.Tensor, h: torch.Tensor, new_h: torch.Tensor, steps: torch.Tensor,
+        failed: torch.Tensor, poly: SafetyPolytope,
+    ) -> None:
+        k = margins.shape[-1]
+        last = cols == width - 1
+        r = rows[last].cpu()
+        out_m = torch.full((batch, k), float("nan"))
+        out_m[r] = margins[last].cpu()
+        after = out_m.max(-1).values.clone()
+        if bool(edit[last].any()):
+            e = last & edit
+            after[rows[e].cpu()] = poly.margins(new_h[e]).max(-1).values.cpu()
+        def pick(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            out = torch.zeros(batch, dtype=dtype)
+            out[r] = t[last].cpu().to(dtype)
+            return out
+        step = TraceStep(
+            gen_index=gen_last, margins=out_m, fired=pick(fired, torch.bool), edited=pick(edit, torch.bool),
+            edit_norm=pick((new_h - h).norm(dim=-1), torch.float32), steps=pick(steps, torch.long),
+            failed=pick(failed, torch.bool), margin_after=after,
+        )
+        if gen_last == 0:
+            early = ~last
+            step.prompt_fired = torch.zeros(batch, dtype=torch.bool)
+            step.prompt_edited = torch.zeros(batch, dtype=torch.long)
+            if bool(early.any()):
+                step.prompt_fired.index_put_((rows[early & fired & chosen].cpu(),), torch.tensor(True), accumulate=False)
+                step.prompt_edited.index_add_(0, rows[early & edit].cpu(), torch.ones(int((early & edit).sum()), dtype=torch.long))
+        self.trace.append(step)
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, poly: SafetyPolytope, mode: SteeringMode, **options: Any) -> Iterator[SteeringHook]:
+    """Context manager form of :class:`SteeringHook`; the hooks are always removed.
+
+    Example:
+        >>> with steer(lm.model, poly, SafeFlow(margin=1.0)) as hook:  # doctest: +SKIP
+        ...     lm.model.generate(**inputs)
+    """
+    hook = SteeringHook(model, poly, mode, **options)
+    try:
+        yield hook
+    finally:
+        hook.remove()
