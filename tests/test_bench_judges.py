@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from sapguard.bench import attacks, run
 from sapguard.bench.judges import DegenerationJudge, RefusalJudge, Verdict, judge_all, on_topic, perplexities, repetition

@@ -87,3 +87,21 @@ def test_empty_prompt_is_refused(tiny_llama):
 def test_not_a_features_directory(tmp_path):
     with pytest.raises(SapError, match="manifest.json"):
         load_features(tmp_path)
+
+
+def test_nan_features_are_refused(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sapguard.io import sha256_file
+
+    extract_to_dir(tiny_llama, records(), tmp_path / "f", 2)
+    manifest_path = tmp_path / "f" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    shard = tmp_path / "f" / manifest["shards"][0]["file"]
+    tensors = load_file(str(shard))
+    tensors["features"][0, 0] = float("nan")
+    save_file(tensors, str(shard))
+    manifest["shards"][0]["sha256"] = sha256_file(shard)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SapError, match="NaN"):
+        load_features(tmp_path / "f")

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from sapguard.cli import app
 from sapguard.data.records import write_jsonl
+from sapguard.errors import SapError
 from sapguard.features.store import FeatureSet, load_features
 from sapguard.interpret.report import SECTIONS, build_report, markdown_table
 from sapguard.io import sha256_file, write_json
@@ -88,6 +89,8 @@ def test_report_has_every_section_and_only_inline_pngs(tmp_path):
     assert "logistic_probe" in page and "violent doxxing request" in page
     assert (tmp_path / "r_files" / "heatmap_binned.png").stat().st_size > 1000
     assert analysis.spec.matching
+    with pytest.raises(SapError, match="is a directory"):
+        build_report(synthetic_polytope(), synthetic_featureset(), tmp_path, metrics=METRICS)
 
 
 def test_report_escapes_texts_and_handles_missing_parts(tmp_path):

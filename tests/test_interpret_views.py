@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import matplotlib.image
 import numpy as np
@@ -73,6 +74,8 @@ def test_every_figure_is_a_real_png():
 
 def test_analysis_writes_tables_and_figures(tmp_path):
     fs = synthetic_featureset()
+    # a category that only the train split carries is reported for the test split, not matched
+    fs.records[0] = replace(fs.records[0], categories=("sexual",), split="train")
     analysis = analyse(synthetic_polytope(), fs, split="test")
     written = write_analysis(analysis, tmp_path / "out")
     names = {p.name for p in (tmp_path / "out").iterdir()}
@@ -86,8 +89,15 @@ def test_analysis_writes_tables_and_figures(tmp_path):
     } <= names
     assert all(p.stat().st_size > 0 for p in written.values())
     csv_lines = (tmp_path / "out" / "mi_binned.csv").read_text().splitlines()
-    assert csv_lines[0] == "category,rows,facet_0,facet_1,facet_2,facet_3" and len(csv_lines) == 4
+    assert csv_lines[0] == "category,rows,facet_0,facet_1,facet_2,facet_3" and len(csv_lines) == 5
+    assert csv_lines[3].startswith("sexual,0,") and "sexual" not in {
+        p["category"] for p in analysis.spec.matching
+    }
+    assert any("without rows" in n and "sexual" in n for n in analysis.spec.notes)
     assert "| violence |" in (tmp_path / "out" / "matching.md").read_text()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SapError, match="not a directory"):
+        write_analysis(analysis, tmp_path / "file")
 
 
 def test_analysis_without_categories_skips_only_the_category_parts(tmp_path):

@@ -52,15 +52,11 @@ def test_violating_rows_are_edited_and_change_output(tiny_llama):
 def test_hook_reads_the_same_states_as_extraction(tiny_lm):
     """The hook sees hidden_states[L] at the polytope's layer: same numbering as extraction."""
     seen = {}
-
-    class Spy(Detect):
-        pass
-
     poly = tiny_polytope(tiny_lm, layer=3, offset=NEVER)
     prompt = "tell me about history"
     ids = encode_prompt(tiny_lm.tokenizer, prompt, "chat")
     inputs = left_pad([ids], tiny_lm.tokenizer.pad_token_id, tiny_lm.device)
-    with steer(tiny_lm.model, poly, Spy(), tokens="prompt") as hook:
+    with steer(tiny_lm.model, poly, Detect(), tokens="prompt") as hook:
         orig = hook._hook
 
         def spy(module, args, output):
@@ -73,8 +69,6 @@ def test_hook_reads_the_same_states_as_extraction(tiny_lm):
         hook.block.register_forward_hook(spy)
         with torch.no_grad():
             out = tiny_lm.model(**inputs, output_hidden_states=True)
-    if getattr(tiny_lm.model.config, "model_type", "") == "gpt2" or len(out.hidden_states) - 1 != 3:
-        pass
     assert torch.equal(seen["h"], out.hidden_states[3])
     feats, _, _ = extract_features(tiny_lm, [Record(prompt)], 3, policy="last_prompt", template="chat")
     assert torch.allclose(feats[0], seen["h"][0, -1], atol=1e-5)

@@ -74,7 +74,9 @@ def analyse(
     check_features(poly, features)
     x, y, records = features.subset(split)
     margins = polytope_margins(poly, x)
-    spec = analyse_specialisation(poly, x, y, records, bins=bins, margins=margins)
+    # every category of the data set, so that one without rows in this split is reported
+    categories = sorted({c for r in features.records for c in r.categories})
+    spec = analyse_specialisation(poly, x, y, records, bins=bins, margins=margins, categories=categories)
     views = facet_views(poly, x, y, records, k=top_k, margins=margins)
     figures = {
         "similarity": plots.similarity_heatmap(views.similarity, views.facet_names),

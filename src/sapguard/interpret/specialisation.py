@@ -210,6 +210,8 @@ def analyse_specialisation(
             f"features ({len(x)}), labels ({len(y)}) and records ({len(records)}) are not row-aligned"
         )
     m = polytope_margins(poly, x) if margins is None else np.asarray(margins)
+    if m.shape != (len(x), poly.num_facets):
+        raise SapError(f"margins have shape {m.shape}, expected ({len(x)}, {poly.num_facets})")
     keep = np.asarray(y) == 1 if unsafe_only else np.ones(len(y), dtype=bool)
     m = m[keep]
     kept = [r for r, k in zip(records, keep) if k]

@@ -48,7 +48,10 @@ class FacetViews:
         """JSON-ready summary (no per-row arrays)."""
         return {
             "facet_names": self.facet_names,
-            "top_texts": {n: t for n, t in zip(self.facet_names, self.top_texts)},
+            "top_texts": [
+                {"facet": k, "name": n, "texts": t}
+                for k, (n, t) in enumerate(zip(self.facet_names, self.top_texts))
+            ],
             "similarity": self.similarity.tolist(),
             "fired": self.fired.tolist(),
             "first": self.first.tolist(),
