@@ -3,6 +3,7 @@ report on test, and measure the hook's overhead.
 
     python benchmarks/bench_steering.py train  --work DIR [--layer 20]
     python benchmarks/bench_steering.py tune   --work DIR          # validation prompts only
+    python benchmarks/bench_steering.py configure --work DIR --set 'hook={"first_n": 1}' 'defaults={"redirect": {"alpha": 3}}'
     python benchmarks/bench_steering.py bench  --work DIR [--set KEY=VALUE ...]   # test prompts
     python benchmarks/bench_steering.py perf   --work DIR
 
@@ -30,8 +31,8 @@ from sapguard.steer.dataset import build_steering_records, train_steering_polyto
 from sapguard.steer.generate import generate
 
 
-def _poly_dir(work: Path, layer: int) -> Path:
-    return work / f"polytope-L{layer}"
+def _poly_dir(work: Path, layer: int, tag: str = "") -> Path:
+    return work / f"polytope-L{layer}{tag}"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -44,8 +45,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                                          max_new_tokens=32, show_progress=True)
         write_jsonl(records_path, records)
     start = time.perf_counter()
-    poly = train_steering_polytope(lm, records, args.layer, show_progress=True)
-    poly.save_pretrained(_poly_dir(args.work, args.layer))
+    prompts = None
+    if args.prompt_rows:
+        prompts = [r for r in build_default_corpus() if r.split in ("train", "validation")]
+    poly = train_steering_polytope(lm, records, args.layer, prompt_records=prompts, show_progress=True)
+    poly.save_pretrained(_poly_dir(args.work, args.layer, args.tag))
     val = poly.meta["calibration"]
     print(json.dumps({"layer": args.layer, "seconds": round(time.perf_counter() - start, 1), "best_epoch": poly.meta["best_epoch"],
                       "val_auroc": max(h["val_auroc"] for h in poly.meta["history"]), "offset": val["offset"]}))
@@ -62,7 +66,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, object]:
 def cmd_tune(args: argparse.Namespace) -> None:
     """Small grid on validation prompts: gate threshold, SafeFlow margin, redirect alpha."""
     lm = load_model("default")
-    poly = load_polytope(_poly_dir(args.work, args.layer))
+    poly = load_polytope(_poly_dir(args.work, args.layer, args.tag))
     corpus = build_default_corpus()
     grid = [
         {"threshold": t, "safeflow": {"margin": m}, "redirect": {"alpha": a}}
@@ -77,17 +81,17 @@ def cmd_tune(args: argparse.Namespace) -> None:
                                   for c in report["conditions"]}}
         results.append(row)
         print(json.dumps(row))
-        write_json(args.work / f"tune-L{args.layer}.json", results)
+        write_json(args.work / f"tune-L{args.layer}{args.tag}.json", results)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     lm = load_model("default")
-    poly = load_polytope(_poly_dir(args.work, args.layer))
+    poly = load_polytope(_poly_dir(args.work, args.layer, args.tag))
     cfg = BenchConfig.preset(args.preset, **_parse_sets(args.set))
     start = time.perf_counter()
     report = run_bench(lm, poly, build_default_corpus(), cfg, show_progress=True)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = args.work / f"bench-L{args.layer}"
+    out = args.work / f"bench-L{args.layer}{args.tag}"
     write_json(out / "report.json", report)
     with atomic_write(out / "report.md") as fh:
         fh.write(markdown(report))
@@ -95,10 +99,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print("wall seconds", report["wall_seconds"])
 
 
+def cmd_configure(args: argparse.Namespace) -> None:
+    """Store tuned settings in the artifact: ``--set hook='{...}' defaults='{...}'`` merge into meta.steering."""
+    path = _poly_dir(args.work, args.layer, args.tag)
+    poly = load_polytope(path)
+    poly.meta.setdefault("steering", {}).update(_parse_sets(args.set))
+    poly.save_pretrained(path)
+    print(json.dumps({k: v for k, v in poly.meta["steering"].items() if k != "direction"}))
+
+
 def cmd_perf(args: argparse.Namespace) -> None:
     """Tokens/s: plain vs steering installed but never triggered; cost per edited token."""
     lm = load_model("default")
-    poly = load_polytope(_poly_dir(args.work, args.layer))
+    poly = load_polytope(_poly_dir(args.work, args.layer, args.tag))
     corpus = build_default_corpus()
     benign = [r.prompt for r in corpus if r.is_safe and r.split == "test" and r.source == "sapguard/curated-everyday"][:8]
     harmful = [r.prompt for r in corpus if not r.is_safe and r.split == "test"][:8]
@@ -128,13 +141,13 @@ def cmd_perf(args: argparse.Namespace) -> None:
         "safeflow_ms_per_edited_token": 1000 * (timings["safeflow"]["seconds"] - timings["detect"]["seconds"]) / max(timings["safeflow"]["edited"], 1),
         "threads": torch.get_num_threads(),
     }
-    write_json(args.work / f"perf-L{args.layer}.json", result)
+    write_json(args.work / f"perf-L{args.layer}{args.tag}.json", result)
     print(json.dumps(result, indent=2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "tune", "bench", "perf"))
+    parser.add_argument("command", choices=("train", "tune", "configure", "bench", "perf"))
     parser.add_argument("--work", type=Path, default=Path("bench-steering"))
     parser.add_argument("--layer", type=int, default=20)
     parser.add_argument("--preset", default="quick")
@@ -143,10 +156,12 @@ def main() -> None:
     parser.add_argument("--margins", type=float, nargs="*", default=[1.0])
     parser.add_argument("--alphas", type=float, nargs="*", default=[1.0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-rows", action="store_true", help="Add last-prompt-token rows of all train/validation prompts.")
+    parser.add_argument("--tag", default="", help="Suffix of the polytope directory.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train, "tune": cmd_tune, "bench": cmd_bench, "perf": cmd_perf}[args.command](args)
+    {"train": cmd_train, "tune": cmd_tune, "configure": cmd_configure, "bench": cmd_bench, "perf": cmd_perf}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -180,3 +180,14 @@ def test_bad_inputs_raise_clear_errors(tiny_llama):
     other.meta["base_model"] = {"id": "someone/else"}
     with pytest.raises(ArtifactMismatchError):
         generate(tiny_llama, ["bake"], other, "safeflow")
+
+
+def test_tuned_hook_settings_come_from_the_artifact(tiny_llama):
+    from sapguard.steer.generate import hook_settings
+
+    poly = tiny_polytope(tiny_llama, offset=ALWAYS)
+    assert hook_settings(poly) == {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
+    poly.meta["steering"]["hook"] = {"first_n": 1, "threshold": -0.5}
+    assert hook_settings(poly, tokens="all") == {"tokens": "all", "first_n": 1, "threshold": -0.5}
+    gens = generate(tiny_llama, PROMPTS[:1], poly, "redirect", max_new_tokens=4)
+    assert [t.edited for t in gens[0].trace] == [True] + [False] * (len(gens[0].trace) - 1)

@@ -75,3 +75,24 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def read_json_object(path: str | os.PathLike[str], hint: str) -> dict[str, Any]:
+    """Read a JSON object from ``path``; one-line SapError when missing or malformed.
+
+    Args:
+        path: The JSON file.
+        hint: What the file should be, for the "not found" message (e.g. "a polytope saved by sapguard").
+    """
+    from sapguard.errors import SapError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SapError(f"{path}: not found; is {path.parent} {hint}?")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SapError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise SapError(f"{path}: expected a JSON object")
+    return obj

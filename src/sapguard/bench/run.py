@@ -29,7 +29,7 @@ from sapguard.models.chat import resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.steer.defences import SAFETY_SYSTEM_PROMPT, refusal_direction, refusal_direction_mode
-from sapguard.steer.generate import DEFAULT_REFUSAL, Generation, encode_for_generation, generate
+from sapguard.steer.generate import DEFAULT_REFUSAL, Generation, encode_for_generation, generate, hook_settings
 from sapguard.steer.hook import SteeringHook
 from sapguard.steer.modes import make_mode
 
@@ -53,9 +53,9 @@ class BenchConfig:
     max_new_tokens: int = 24
     batch_size: int = 12
     split: str = "test"
-    tokens: str = "first_n"
-    first_n: int = 20
-    threshold: float = 0.0
+    tokens: str | None = None
+    first_n: int | None = None
+    threshold: float | None = None
     safeflow: dict[str, Any] = field(default_factory=dict)
     redirect: dict[str, Any] = field(default_factory=dict)
     refusal_alpha: float = 1.0
@@ -133,7 +133,7 @@ def run_bench(
     questions = list(questions or local_questions())[: cfg.n_mmlu or None]
     prompts = [it.sent for it in items]
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, template=template, return_logits=True)
-    steer_opts = dict(tokens=cfg.tokens, first_n=cfg.first_n, threshold=cfg.threshold)
+    steer_opts = hook_settings(poly, tokens=cfg.tokens, first_n=cfg.first_n, threshold=cfg.threshold)
     runs: dict[str, tuple[list[Generation], float]] = {}
     mmlu: dict[str, float] = {}
 
@@ -172,7 +172,7 @@ def run_bench(
     report: dict[str, Any] = {
         "config": asdict(cfg),
         "model": lm.identity(),
-        "polytope": {"layer": layer, "num_facets": poly.num_facets, "offset": float(poly.offset)},
+        "polytope": {"layer": layer, "num_facets": poly.num_facets, "offset": float(poly.offset), "hook": steer_opts},
         "judges": {
             "refusal": f"{refusal.name} (first {refusal.window} chars; sapguard.bench.judges.REFUSAL_PHRASES)",
             "degeneration": f"{degeneration.name}: repeated-3gram share > {degeneration.max_repetition} or base-model perplexity > {degeneration.max_perplexity}",

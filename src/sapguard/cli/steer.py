@@ -11,9 +11,9 @@ from sapguard.cli.common import JSON_OPTION, VERBOSE_OPTION, emit_json, gather_t
 
 POLYTOPE_OPTION = typer.Option(..., "--polytope", "-p", help="Steering polytope directory (from `sap steer-train`).")
 MODE_OPTION = typer.Option("safeflow", "--mode", help="safeflow, redirect, refuse or detect.")
-TOKENS_OPTION = typer.Option("first_n", "--tokens", help="Token policy: prompt, generated, first_n or all.")
-FIRST_N_OPTION = typer.Option(20, "--first-n", help="Generated tokens steered under --tokens first_n.")
-THRESHOLD_OPTION = typer.Option(0.0, "--threshold", help="A position fires when its max facet margin exceeds this.")
+TOKENS_OPTION = typer.Option(None, "--tokens", help="Token policy: prompt, generated, first_n or all (default: the polytope's tuned one, else first_n).")
+FIRST_N_OPTION = typer.Option(None, "--first-n", help="Generated tokens steered under first_n (default: the polytope's, else 20).")
+THRESHOLD_OPTION = typer.Option(None, "--threshold", help="A position fires when its max facet margin exceeds this (default: the polytope's, else 0).")
 
 
 def _load(polytope: Path, model: Optional[str], device: str) -> tuple[object, object]:
@@ -87,27 +87,28 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(1.0, "--temperature"),
         top_p: float = typer.Option(1.0, "--top-p"),
         seed: Optional[int] = typer.Option(None, "--seed"),
-        tokens: str = TOKENS_OPTION,
-        first_n: int = FIRST_N_OPTION,
-        threshold: float = THRESHOLD_OPTION,
+        tokens: Optional[str] = TOKENS_OPTION,
+        first_n: Optional[int] = FIRST_N_OPTION,
+        threshold: Optional[float] = THRESHOLD_OPTION,
         margin: Optional[float] = typer.Option(None, "--margin", help="SafeFlow target margin."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="SafeFlow step budget."),
         lr: Optional[float] = typer.Option(None, "--lr", help="SafeFlow step size."),
         alpha: Optional[float] = typer.Option(None, "--alpha", help="Redirect scale."),
         trace: bool = typer.Option(False, "--trace", help="Print (or include in --json) the per-token trace."),
+        refusal_text: Optional[str] = typer.Option(None, "--refusal-text", help="Answer of refuse mode and of the SafeFlow fallback."),
         device: str = typer.Option("auto", "--device"),
         json_out: bool = JSON_OPTION,
         verbose: bool = VERBOSE_OPTION,
     ) -> None:
         """Generate answers steered by a polytope."""
         setup_logging(verbose)
-        from sapguard.steer.generate import generate
+        from sapguard.steer.generate import DEFAULT_REFUSAL, generate
 
         texts = gather_texts(prompts, input_file)
         lm, poly = _load(polytope, model, device)
         gens = generate(lm, texts, poly, mode, tokens=tokens, first_n=first_n, threshold=threshold,  # type: ignore[arg-type]
                         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
-                        mode_options=_mode_options(margin, max_steps, lr, alpha, mode))
+                        refusal_text=refusal_text or DEFAULT_REFUSAL, mode_options=_mode_options(margin, max_steps, lr, alpha, mode))
         if json_out:
             emit_json([g.to_json(with_trace=trace) for g in gens])
             return
@@ -130,9 +131,9 @@ def register(app: typer.Typer) -> None:
         mode: str = MODE_OPTION,
         model: Optional[str] = typer.Option(None, "--model", "-m"),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-        tokens: str = TOKENS_OPTION,
-        first_n: int = FIRST_N_OPTION,
-        threshold: float = THRESHOLD_OPTION,
+        tokens: Optional[str] = TOKENS_OPTION,
+        first_n: Optional[int] = FIRST_N_OPTION,
+        threshold: Optional[float] = THRESHOLD_OPTION,
         device: str = typer.Option("auto", "--device"),
         verbose: bool = VERBOSE_OPTION,
     ) -> None:

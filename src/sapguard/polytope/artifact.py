@@ -6,7 +6,6 @@ records the weights' SHA-256, so a truncated or modified file is refused with a 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sapguard.errors import ArtifactMismatchError, SapError
-from sapguard.io import atomic_write, sha256_file, write_json
+from sapguard.io import atomic_write, read_json_object, sha256_file, write_json
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
 
 CONFIG = "config.json"
@@ -69,14 +68,7 @@ def save_polytope(poly: SafetyPolytope, directory: str | Path) -> None:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """Read and validate an artifact's ``config.json``."""
     path = Path(directory) / CONFIG
-    if not path.is_file():
-        raise SapError(f"{path}: not found; is {directory} a polytope saved by sapguard?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SapError(f"{path}: malformed JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise SapError(f"{path}: expected a JSON object")
+    config = read_json_object(path, "a polytope saved by sapguard")
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise SapError(f"{path}: missing {', '.join(missing)}")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sapguard.bench.judges import RefusalJudge
@@ -135,6 +136,8 @@ def train_steering_polytope(
     layer: int,
     *,
     features_dir: str | Path | None = None,
+    prompt_records: Sequence[Record] | None = None,
+    prompt_repeat: int = 8,
     train_config: Any = None,
     template: str = "auto",
     show_progress: bool = False,
@@ -148,6 +151,11 @@ def train_steering_polytope(
     Args:
         features_dir: Where to write the features directory (resumable; ``sap train --features``
             can train on it too); in memory when ``None``.
+        prompt_records: Labelled prompts (with train/validation splits) whose *last prompt token*
+            is added as rows. That state emits the first generated token, so it is where a
+            refusal is decided; response-token rows alone never cover it (a gate trained only on
+            them fires at random there). Train rows are repeated ``prompt_repeat`` times to
+            balance them against the many token rows.
     """
     from sapguard.features.extract import extract_features, extract_to_dir
     from sapguard.models.chat import resolve_template
@@ -166,10 +174,24 @@ def train_steering_polytope(
         x_tr, idx_tr, _ = extract_features(lm, train, layer, policy="response_tokens", template=template, show_progress=show_progress)
         x_va, idx_va, _ = extract_features(lm, val, layer, policy="response_tokens", template=template, show_progress=show_progress)
         rec_tr = [train[i] for i in idx_tr.tolist()]
-        y_tr = torch.tensor([0 if train[i].is_safe else 1 for i in idx_tr.tolist()]).numpy()
-        y_va = torch.tensor([0 if val[i].is_safe else 1 for i in idx_va.tolist()]).numpy()
+        y_tr = np.array([0 if train[i].is_safe else 1 for i in idx_tr.tolist()])
+        y_va = np.array([0 if val[i].is_safe else 1 for i in idx_va.tolist()])
+    if prompt_records:
+        parts = []
+        for split in ("train", "validation"):
+            recs = [r for r in prompt_records if r.split == split]
+            if not recs:
+                raise SapError(f"prompt_records have no {split} split")
+            xp, _, _ = extract_features(lm, recs, layer, policy="last_prompt", template=template, show_progress=show_progress)
+            yp = np.array([0 if r.is_safe else 1 for r in recs])
+            parts.append((xp, yp, recs))
+        (xp_tr, yp_tr, rp_tr), (xp_va, yp_va, _) = parts
+        x_tr = torch.cat([x_tr, xp_tr.repeat(prompt_repeat, 1)])
+        y_tr = np.concatenate([y_tr, np.tile(yp_tr, prompt_repeat)])
+        rec_tr = list(rec_tr) + list(rp_tr) * prompt_repeat
+        x_va, y_va = torch.cat([x_va, xp_va]), np.concatenate([y_va, yp_va])
     meta = {
-        "layer": layer, "policy": "response_tokens", "template": template, "base_model": lm.identity(),
+        "layer": layer, "policy": "response_tokens+last_prompt" if prompt_records else "response_tokens", "template": template, "base_model": lm.identity(),
         "training_data": "sapguard steering set (own completions vs teacher-forced refusals + benign answers)",
     }
     result = train_polytope(x_tr, y_tr, x_va, y_va, train_config or TrainConfig(), train_records=rec_tr, meta=meta, show_progress=show_progress)

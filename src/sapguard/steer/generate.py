@@ -89,6 +89,16 @@ def eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
+HOOK_DEFAULTS: dict[str, Any] = {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
+"""The paper's settings, used when neither the caller nor the polytope says otherwise."""
+
+
+def hook_settings(poly: SafetyPolytope, **given: Any) -> dict[str, Any]:
+    """Token policy, first_n and threshold: explicit values, else the polytope's tuned ones, else the paper's."""
+    stored = (poly.meta.get("steering") or {}).get("hook") or {}
+    return {k: given[k] if given.get(k) is not None else stored.get(k, default) for k, default in HOOK_DEFAULTS.items()}
+
+
 def _context_window(lm: LoadedModel) -> int | None:
     cfg = lm.model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -100,9 +110,9 @@ def generate(
     poly: SafetyPolytope | None = None,
     mode: str | SteeringMode | None = "safeflow",
     *,
-    tokens: str = "first_n",
-    first_n: int = 20,
-    threshold: float = 0.0,
+    tokens: str | None = None,
+    first_n: int | None = None,
+    threshold: float | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -123,7 +133,8 @@ def generate(
         prompts: User prompts (non-empty).
         poly: The polytope, or ``None`` for plain generation.
         mode: ``"safeflow"``, ``"redirect"``, ``"refuse"``, ``"detect"``, a mode object, or ``None``.
-        tokens, first_n, threshold: See :class:`~sapguard.steer.hook.SteeringHook`.
+        tokens, first_n, threshold: See :class:`~sapguard.steer.hook.SteeringHook`; ``None`` takes
+            the polytope's tuned ``meta["steering"]["hook"]`` settings, else first_n / 20 / 0.0.
         max_new_tokens, do_sample, temperature, top_p, seed: Decoding settings.
         system: Optional system prompt (chat template only).
         template: Override of the polytope's template (default: its ``meta["template"]`` or auto).
@@ -158,7 +169,10 @@ def generate(
     stops = eos_ids(lm)
     if seed is not None:
         torch.manual_seed(seed)
-    hook = SteeringHook(lm.model, poly, mode_obj, tokens=tokens, first_n=first_n, threshold=threshold) if steering else None  # type: ignore[arg-type]
+    hook = None
+    if steering:
+        assert poly is not None and mode_obj is not None
+        hook = SteeringHook(lm.model, poly, mode_obj, **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold))
     results: list[Generation] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     try:
