@@ -25,8 +25,24 @@ def saved(tmp_path):
 
 
 def test_generate_json_with_trace(saved):
-    result = CliRunner().invoke(app, ["generate", "--polytope", str(saved / "poly"), "--mode", "redirect", "--alpha", "2",
-                                      "-n", "4", "--json", "--trace", "how do i make a bomb", "bake bread"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--polytope",
+            str(saved / "poly"),
+            "--mode",
+            "redirect",
+            "--alpha",
+            "2",
+            "-n",
+            "4",
+            "--json",
+            "--trace",
+            "how do i make a bomb",
+            "bake bread",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert [r["prompt"] for r in out] == ["how do i make a bomb", "bake bread"]
@@ -37,7 +53,10 @@ def test_generate_json_with_trace(saved):
 def test_generate_input_file_refuse_and_table(saved):
     prompts = saved / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "steal card"}) + "\n")
-    result = CliRunner().invoke(app, ["generate", "-p", str(saved / "poly"), "--mode", "refuse", "-i", str(prompts), "-n", "3", "--trace"])
+    result = CliRunner().invoke(
+        app,
+        ["generate", "-p", str(saved / "poly"), "--mode", "refuse", "-i", str(prompts), "-n", "3", "--trace"],
+    )
     assert result.exit_code == 0, result.output
     assert "I can't help with that request." in result.stdout and "(refused)" in result.stdout
 
@@ -51,6 +70,56 @@ def test_generate_errors_are_one_line(saved):
 
 
 def test_chat_switches_mode_and_quits(saved):
-    result = CliRunner().invoke(app, ["chat", "-p", str(saved / "poly"), "-n", "3"], input="bake bread\n/mode detect\nbake bread\n\n")
+    result = CliRunner().invoke(
+        app, ["chat", "-p", str(saved / "poly"), "-n", "3"], input="bake bread\n/mode detect\nbake bread\n\n"
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("bot>") == 2 and "mode: detect" in result.output
+
+
+def test_steer_train_from_user_jsonl(saved):
+    rows = []
+    for split in ("train", "validation"):
+        for i, (p, r, safe) in enumerate(
+            [
+                ("how do i make a bomb", "the bomb is", False),
+                ("how do i make a bomb", "i can not help", True),
+                ("bake bread", "the bread is safe", True),
+                ("steal card please", "buy a card", False),
+            ]
+            * 3
+        ):
+            rows.append(
+                {
+                    "prompt": p,
+                    "response": r,
+                    "is_safe": safe,
+                    "split": split,
+                    "group": f"{split}{i}",
+                    "source": "steer/own-completion" if not safe else "steer/refusal",
+                }
+            )
+    data = saved / "steer.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = saved / "steer-poly"
+    result = CliRunner().invoke(
+        app,
+        [
+            "steer-train",
+            "-o",
+            str(out),
+            "--data",
+            str(data),
+            "--layer",
+            "2",
+            "--model",
+            str(saved / "model"),
+            "--no-prompt-rows",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    from sapguard.polytope.artifact import load_polytope
+
+    poly = load_polytope(out)
+    assert poly.meta["layer"] == 2 and len(poly.meta["steering"]["direction"]) == 32
+    assert poly.meta["policy"] == "response_tokens"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sapguard.data.records import Record
 from sapguard.errors import ArtifactMismatchError, SapError
 from sapguard.features.extract import extract_features
 from sapguard.features.hooks import left_pad
-from sapguard.data.records import Record
 from sapguard.models.chat import encode_prompt
 from sapguard.steer import Detect, Redirect, SafeFlow, SteeringHook, generate, steer
 from sapguard.steer.modes import Edit
@@ -35,8 +35,12 @@ def test_never_violating_is_bit_identical_across_families(tiny_lm, mode):
 
 def test_sampled_decoding_bit_identical_with_same_seed(tiny_llama):
     poly = tiny_polytope(tiny_llama, offset=NEVER)
-    base = generate(tiny_llama, PROMPTS, None, None, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
-    steered = generate(tiny_llama, PROMPTS, poly, "safeflow", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3)
+    base = generate(
+        tiny_llama, PROMPTS, None, None, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3
+    )
+    steered = generate(
+        tiny_llama, PROMPTS, poly, "safeflow", max_new_tokens=8, do_sample=True, temperature=1.5, seed=3
+    )
     assert _ids(base) == _ids(steered)
 
 
@@ -76,7 +80,10 @@ def test_hook_reads_the_same_states_as_extraction(tiny_lm):
 
 def test_left_padding_pad_positions_never_edited(tiny_llama):
     poly = tiny_polytope(tiny_llama, offset=ALWAYS)
-    short, long = encode_prompt(tiny_llama.tokenizer, "bake", "chat"), encode_prompt(tiny_llama.tokenizer, PROMPTS[1], "chat")
+    short, long = (
+        encode_prompt(tiny_llama.tokenizer, "bake", "chat"),
+        encode_prompt(tiny_llama.tokenizer, PROMPTS[1], "chat"),
+    )
     inputs = left_pad([short, long], tiny_llama.tokenizer.pad_token_id, tiny_llama.device)
     inputs.pop("position_ids")
     captured = {}
@@ -102,8 +109,16 @@ def test_left_padding_pad_positions_never_edited(tiny_llama):
 
 def test_kv_cache_sees_one_position_and_first_n_policy(tiny_llama):
     poly = tiny_polytope(tiny_llama, offset=ALWAYS)
-    gens = generate(tiny_llama, PROMPTS[:1], poly, "redirect", tokens="first_n", first_n=3, max_new_tokens=6,
-                    mode_options={"alpha": 0.5})
+    gens = generate(
+        tiny_llama,
+        PROMPTS[:1],
+        poly,
+        "redirect",
+        tokens="first_n",
+        first_n=3,
+        max_new_tokens=6,
+        mode_options={"alpha": 0.5},
+    )
     trace = gens[0].trace
     assert [t.index for t in trace] == list(range(len(gens[0].token_ids)))
     assert [t.edited for t in trace] == [i < 3 for i in range(len(trace))]
@@ -160,9 +175,8 @@ def test_hook_removed_after_context_and_handle(tiny_llama):
     assert hook.block._forward_hooks
     hook.remove()
     assert not hook.block._forward_hooks and not tiny_llama.model._forward_pre_hooks
-    with pytest.raises(RuntimeError):
-        with steer(tiny_llama.model, poly, Detect()):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), steer(tiny_llama.model, poly, Detect()):
+        raise RuntimeError("boom")
     assert not hook.block._forward_hooks
 
 
@@ -183,7 +197,7 @@ def test_bad_inputs_raise_clear_errors(tiny_llama):
 
 
 def test_tuned_hook_settings_come_from_the_artifact(tiny_llama):
-    from sapguard.steer.generate import hook_settings
+    from sapguard.steer.hook import hook_settings
 
     poly = tiny_polytope(tiny_llama, offset=ALWAYS)
     assert hook_settings(poly) == {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
@@ -191,3 +205,24 @@ def test_tuned_hook_settings_come_from_the_artifact(tiny_llama):
     assert hook_settings(poly, tokens="all") == {"tokens": "all", "first_n": 1, "threshold": -0.5}
     gens = generate(tiny_llama, PROMPTS[:1], poly, "redirect", max_new_tokens=4)
     assert [t.edited for t in gens[0].trace] == [True] + [False] * (len(gens[0].trace) - 1)
+
+
+def test_steer_accepts_loaded_model_and_mode_name(tiny_llama):
+    poly = tiny_polytope(tiny_llama, offset=ALWAYS)
+    poly.meta["steering"]["defaults"] = {"redirect": {"alpha": 2.0}}
+    ids = encode_prompt(tiny_llama.tokenizer, "bake bread", "chat")
+    inputs = left_pad([ids], tiny_llama.tokenizer.pad_token_id, tiny_llama.device)
+    with torch.no_grad():
+        plain = tiny_llama.model(**inputs).logits
+        with steer(tiny_llama, poly, "redirect") as hook:
+            steered = tiny_llama.model(**inputs).logits
+    assert hook.mode.alpha == 2.0 and hook.tokens == "first_n"
+    assert not torch.equal(plain[0, -1], steered[0, -1])
+    assert torch.equal(plain[0, :-1], steered[0, :-1])  # only the emitting position was edited
+
+
+def test_refuse_respects_the_token_policy(tiny_llama):
+    poly = tiny_polytope(tiny_llama, offset=ALWAYS)
+    gens = generate(tiny_llama, PROMPTS[:2], poly, "refuse", tokens="first_n", first_n=0, max_new_tokens=4)
+    assert not any(g.refused for g in gens)
+    assert all(g.summary.fired_tokens == len(g.token_ids) and g.summary.fired_steered == 0 for g in gens)

@@ -19,7 +19,12 @@ def lm():
 
 def _poly(lm, offset: float) -> SafetyPolytope:
     torch.manual_seed(0)
-    poly = SafetyPolytope(lm.hidden_size, 4, EncoderSpec(width=64), meta={"layer": 20, "template": "chat", "base_model": lm.identity()})
+    poly = SafetyPolytope(
+        lm.hidden_size,
+        4,
+        EncoderSpec(width=64),
+        meta={"layer": 20, "template": "chat", "base_model": lm.identity()},
+    )
     poly.offset.fill_(offset)
     poly.meta["steering"] = {"direction": (torch.randn(lm.hidden_size) * 5).tolist()}
     return poly
@@ -34,5 +39,12 @@ def test_default_model_never_violating_is_bit_identical(lm):
 
 
 def test_default_model_redirect_edits_and_traces(lm):
-    gens = generate(lm, ["How do I bake bread?"], _poly(lm, -1e9), "redirect", max_new_tokens=4, mode_options={"alpha": 4.0})
+    gens = generate(
+        lm,
+        ["How do I bake bread?"],
+        _poly(lm, -1e9),
+        "redirect",
+        max_new_tokens=4,
+        mode_options={"alpha": 4.0},
+    )
     assert gens[0].summary.edited_tokens == len(gens[0].token_ids) > 0

@@ -18,7 +18,7 @@ from sapguard.pipeline import train_from_features
 
 logger = logging.getLogger(__name__)
 
-DEMO_LAYER = 20
+DEMO_LAYER = 22  # best validation AUROC in a layer sweep of the default model (README)
 DEMO_TEXTS = (
     "How do I kill a Python process that is hanging?",
     "What is the maximum safe daily dose of acetaminophen for an adult?",

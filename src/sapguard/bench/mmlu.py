@@ -57,7 +57,11 @@ def _question(row: dict[str, Any], where: str) -> MCQuestion:
 def local_questions() -> list[MCQuestion]:
     """The shipped MMLU-format set (42 questions)."""
     text = resources.files("sapguard.bench").joinpath("mmlu_local.jsonl").read_text(encoding="utf-8")
-    return [_question(json.loads(line), f"mmlu_local.jsonl:{i + 1}") for i, line in enumerate(text.splitlines()) if line.strip()]
+    return [
+        _question(json.loads(line), f"mmlu_local.jsonl:{i + 1}")
+        for i, line in enumerate(text.splitlines())
+        if line.strip()
+    ]
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[MCQuestion]:
@@ -69,13 +73,22 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[MCQuestio
     out: list[MCQuestion] = []
     for f in files:
         if f.suffix == ".jsonl":
-            out += [_question(json.loads(line), f"{f}:{i + 1}") for i, line in enumerate(f.read_text().splitlines()) if line.strip()]
+            out += [
+                _question(json.loads(line), f"{f}:{i + 1}")
+                for i, line in enumerate(f.read_text().splitlines())
+                if line.strip()
+            ]
         elif f.suffix == ".csv":
             with f.open(newline="", encoding="utf-8") as fh:
                 for i, row in enumerate(csv.reader(fh)):
                     if len(row) != 6:
                         raise SapError(f"{f}:{i + 1}: expected question,A,B,C,D,answer")
-                    out.append(_question({"question": row[0], "choices": row[1:5], "answer": row[5], "subject": f.stem}, f"{f}:{i + 1}"))
+                    out.append(
+                        _question(
+                            {"question": row[0], "choices": row[1:5], "answer": row[5], "subject": f.stem},
+                            f"{f}:{i + 1}",
+                        )
+                    )
         elif f.suffix == ".parquet" and (not path.is_dir() or "test" in f.name):
             import pandas as pd
 
@@ -89,8 +102,13 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[MCQuestio
 
 @torch.no_grad()
 def mc_accuracy(
-    lm: Any, questions: Sequence[MCQuestion], *, template: str = "auto", system: str | None = None,
-    context: Callable[[], Any] | None = None, batch_size: int = 8,
+    lm: Any,
+    questions: Sequence[MCQuestion],
+    *,
+    template: str = "auto",
+    system: str | None = None,
+    context: Callable[[], Any] | None = None,
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """Accuracy over ``questions``; ``context`` (e.g. a steering hook factory) wraps each forward.
 

@@ -6,6 +6,20 @@ from sapguard.steer.modes import MODES, AddDirection, Detect, Redirect, SafeFlow
 from sapguard.steer.trace import TokenTrace, TraceStep, TraceSummary
 
 __all__ = [
-    "DEFAULT_REFUSAL", "MODES", "TOKEN_POLICIES", "AddDirection", "Detect", "Generation", "Redirect", "SafeFlow",
-    "SteeringHook", "SteeringMode", "TokenTrace", "TraceStep", "TraceSummary", "generate", "make_mode", "steer",
+    "DEFAULT_REFUSAL",
+    "MODES",
+    "TOKEN_POLICIES",
+    "AddDirection",
+    "Detect",
+    "Generation",
+    "Redirect",
+    "SafeFlow",
+    "SteeringHook",
+    "SteeringMode",
+    "TokenTrace",
+    "TraceStep",
+    "TraceSummary",
+    "generate",
+    "make_mode",
+    "steer",
 ]

@@ -65,10 +65,19 @@ REFUSALS = (
 """Teacher-forced refusals: varied openings, lengths and justifications, so the polytope learns
 "refusing" rather than one sentence."""
 
+DEFAULT_MODEL_STEERING = {
+    "hook": {"tokens": "first_n", "first_n": 1, "threshold": -0.4},
+    "defaults": {"redirect": {"alpha": 3.0}, "safeflow": {"margin": 10.0, "max_steps": 200, "lr": 0.3}},
+}
+"""Hook settings and mode defaults tuned on validation prompts for the default model at layer 20
+(see docs/STEERING.md); other models need their own tuning."""
+
 BENIGN_SOURCES = ("sapguard/curated", "sapguard/curated-everyday", "inspect_evals/freshqa")
 
 
-def select_prompts(corpus: Sequence[Record], split: str, n_harmful: int, n_benign: int, seed: int = 0) -> tuple[list[Record], list[Record]]:
+def select_prompts(
+    corpus: Sequence[Record], split: str, n_harmful: int, n_benign: int, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
     """Harmful and benign prompts of one corpus split, sampled reproducibly (benign: mixed sources)."""
     if split == "test":
         raise SapError("the steering set never uses the test split")
@@ -107,19 +116,43 @@ def build_steering_records(
     for split, (n_harmful, n_benign) in sizes.items():
         harmful, benign = select_prompts(corpus, split, n_harmful, n_benign, seed)
         prompts = [r.prompt for r in harmful + benign]
-        gens = generate(lm, prompts, None, None, max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+        gens = generate(
+            lm,
+            prompts,
+            None,
+            None,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
         self_refused = 0
         for rec, gen in zip(harmful, gens[: len(harmful)]):
             group = rec.group or rec.key
             refused = judge(gen.response)
             self_refused += refused
             if gen.response.strip():
-                records.append(Record(rec.prompt, gen.response, refused, rec.categories, "steer/own-completion", group, split))
+                records.append(
+                    Record(
+                        rec.prompt,
+                        gen.response,
+                        refused,
+                        rec.categories,
+                        "steer/own-completion",
+                        group,
+                        split,
+                    )
+                )
             records.append(Record(rec.prompt, rng.choice(REFUSALS), True, (), "steer/refusal", group, split))
         for rec, gen in zip(benign, gens[len(harmful) :]):
             if gen.response.strip():
-                records.append(Record(rec.prompt, gen.response, True, (), "steer/benign-answer", rec.group or rec.key, split))
-        logger.info("%s: %d harmful (%d self-refused), %d benign", split, len(harmful), self_refused, len(benign))
+                records.append(
+                    Record(
+                        rec.prompt, gen.response, True, (), "steer/benign-answer", rec.group or rec.key, split
+                    )
+                )
+        logger.info(
+            "%s: %d harmful (%d self-refused), %d benign", split, len(harmful), self_refused, len(benign)
+        )
     return records
 
 
@@ -167,12 +200,24 @@ def train_steering_polytope(
     if not train or not val:
         raise SapError("the steering set needs train and validation records")
     if features_dir is not None:
-        fs = extract_to_dir(lm, list(records), features_dir, layer, policy="response_tokens", template=template, show_progress=show_progress)
+        fs = extract_to_dir(
+            lm,
+            list(records),
+            features_dir,
+            layer,
+            policy="response_tokens",
+            template=template,
+            show_progress=show_progress,
+        )
         x_tr, y_tr, rec_tr = fs.subset("train")
         x_va, y_va, _ = fs.subset("validation")
     else:
-        x_tr, idx_tr, _ = extract_features(lm, train, layer, policy="response_tokens", template=template, show_progress=show_progress)
-        x_va, idx_va, _ = extract_features(lm, val, layer, policy="response_tokens", template=template, show_progress=show_progress)
+        x_tr, idx_tr, _ = extract_features(
+            lm, train, layer, policy="response_tokens", template=template, show_progress=show_progress
+        )
+        x_va, idx_va, _ = extract_features(
+            lm, val, layer, policy="response_tokens", template=template, show_progress=show_progress
+        )
         rec_tr = [train[i] for i in idx_tr.tolist()]
         y_tr = np.array([0 if train[i].is_safe else 1 for i in idx_tr.tolist()])
         y_va = np.array([0 if val[i].is_safe else 1 for i in idx_va.tolist()])
@@ -182,7 +227,9 @@ def train_steering_polytope(
             recs = [r for r in prompt_records if r.split == split]
             if not recs:
                 raise SapError(f"prompt_records have no {split} split")
-            xp, _, _ = extract_features(lm, recs, layer, policy="last_prompt", template=template, show_progress=show_progress)
+            xp, _, _ = extract_features(
+                lm, recs, layer, policy="last_prompt", template=template, show_progress=show_progress
+            )
             yp = np.array([0 if r.is_safe else 1 for r in recs])
             parts.append((xp, yp, recs))
         (xp_tr, yp_tr, rp_tr), (xp_va, yp_va, _) = parts
@@ -191,12 +238,27 @@ def train_steering_polytope(
         rec_tr = list(rec_tr) + list(rp_tr) * prompt_repeat
         x_va, y_va = torch.cat([x_va, xp_va]), np.concatenate([y_va, yp_va])
     meta = {
-        "layer": layer, "policy": "response_tokens+last_prompt" if prompt_records else "response_tokens", "template": template, "base_model": lm.identity(),
+        "layer": layer,
+        "policy": "response_tokens+last_prompt" if prompt_records else "response_tokens",
+        "template": template,
+        "base_model": lm.identity(),
         "training_data": "sapguard steering set (own completions vs teacher-forced refusals + benign answers)",
     }
-    result = train_polytope(x_tr, y_tr, x_va, y_va, train_config or TrainConfig(), train_records=rec_tr, meta=meta, show_progress=show_progress)
+    result = train_polytope(
+        x_tr,
+        y_tr,
+        x_va,
+        y_va,
+        train_config or TrainConfig(),
+        train_records=rec_tr,
+        meta=meta,
+        show_progress=show_progress,
+    )
     refusal_rows = torch.tensor([r.source == "steer/refusal" for r in rec_tr])
     comply_rows = torch.tensor([r.source == "steer/own-completion" and not r.is_safe for r in rec_tr])
     direction = mean_direction(x_tr, refusal_rows, comply_rows)
-    result.polytope.meta["steering"] = {"direction": [round(float(v), 5) for v in direction], "direction_source": "refusal minus compliance, train split"}
+    result.polytope.meta["steering"] = {
+        "direction": [round(float(v), 5) for v in direction],
+        "direction_source": "refusal minus compliance, train split",
+    }
     return result.polytope

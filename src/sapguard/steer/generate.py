@@ -1,7 +1,7 @@
 """Steered generation: prompts in, responses with per-token traces out.
 
-``refuse`` runs the hook in trace-only mode and answers rows where the polytope fired (on the
-prompt or on any generated token under the token policy) with ``refusal_text``. Fallback: when
+``refuse`` runs the hook in trace-only mode and answers rows where the polytope fired at a
+position the token policy selects (prompt positions or generated tokens) with ``refusal_text``. Fallback: when
 SafeFlow's optimisation goes non-finite for a row, that row is answered with ``refusal_text``
 too and marked ``fallback="refusal"``; steering never silently returns an unsteered answer.
 """
@@ -21,7 +21,7 @@ from sapguard.models.chat import encode_prompt, resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.artifact import check_compatible
 from sapguard.polytope.model import SafetyPolytope
-from sapguard.steer.hook import SteeringHook
+from sapguard.steer.hook import SteeringHook, hook_settings
 from sapguard.steer.modes import SteeringMode, make_mode
 from sapguard.steer.trace import TokenTrace, TraceSummary, row_trace
 
@@ -58,8 +58,12 @@ class Generation:
 
     def to_json(self, with_trace: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "prompt": self.prompt, "response": self.response, "mode": self.mode, "refused": self.refused,
-            "fallback": self.fallback, "summary": self.summary.to_json(),
+            "prompt": self.prompt,
+            "response": self.response,
+            "mode": self.mode,
+            "refused": self.refused,
+            "fallback": self.fallback,
+            "summary": self.summary.to_json(),
         }
         if with_trace:
             out["trace"] = [t.to_json() for t in self.trace]
@@ -73,7 +77,9 @@ def encode_for_generation(tokenizer: Any, prompt: str, template: str, system: st
     if template != "chat":
         raise SapError("a system prompt needs the chat template")
     text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -87,16 +93,6 @@ def eos_ids(lm: LoadedModel) -> set[int]:
         elif value:
             ids.update(int(v) for v in value)
     return ids
-
-
-HOOK_DEFAULTS: dict[str, Any] = {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
-"""The paper's settings, used when neither the caller nor the polytope says otherwise."""
-
-
-def hook_settings(poly: SafetyPolytope, **given: Any) -> dict[str, Any]:
-    """Token policy, first_n and threshold: explicit values, else the polytope's tuned ones, else the paper's."""
-    stored = (poly.meta.get("steering") or {}).get("hook") or {}
-    return {k: given[k] if given.get(k) is not None else stored.get(k, default) for k, default in HOOK_DEFAULTS.items()}
 
 
 def _context_window(lm: LoadedModel) -> int | None:
@@ -159,28 +155,55 @@ def generate(
         assert poly is not None
         check_compatible(poly, lm.identity())
         mode_obj = make_mode(mode, poly, **(mode_options or {})) if isinstance(mode, str) else mode
-    template = resolve_template(lm.tokenizer, template or (poly.meta.get("template") if poly is not None else None) or "auto")
+    template = resolve_template(
+        lm.tokenizer, template or (poly.meta.get("template") if poly is not None else None) or "auto"
+    )
     encoded = [encode_for_generation(lm.tokenizer, p, template, system) for p in prompts]
     window = _context_window(lm)
     for i, ids in enumerate(encoded):
         if window and len(ids) + max_new_tokens > window:
-            raise SapError(f"prompt {i + 1} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the {window}-token context window")
-    mode_name = (mode if isinstance(mode, str) else mode_obj.name if mode_obj else "none") if steering else "none"
+            raise SapError(
+                f"prompt {i + 1} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds the {window}-token context window"
+            )
+    mode_name = (
+        (mode if isinstance(mode, str) else mode_obj.name if mode_obj else "none") if steering else "none"
+    )
     stops = eos_ids(lm)
     if seed is not None:
         torch.manual_seed(seed)
     hook = None
     if steering:
         assert poly is not None and mode_obj is not None
-        hook = SteeringHook(lm.model, poly, mode_obj, **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold))
+        hook = SteeringHook(
+            lm.model,
+            poly,
+            mode_obj,
+            **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold),
+        )
     results: list[Generation] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     try:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not show_progress):
             results.extend(
-                zip(batch, _generate_batch(lm, [prompts[i] for i in batch], [encoded[i] for i in batch], hook, mode_name,
-                                           stops, max_new_tokens, do_sample, temperature, top_p, refusal_text, return_logits, poly))
+                zip(
+                    batch,
+                    _generate_batch(
+                        lm,
+                        [prompts[i] for i in batch],
+                        [encoded[i] for i in batch],
+                        hook,
+                        mode_name,
+                        stops,
+                        max_new_tokens,
+                        do_sample,
+                        temperature,
+                        top_p,
+                        refusal_text,
+                        return_logits,
+                        poly,
+                    ),
+                )
             )
     finally:
         if hook is not None:
@@ -190,9 +213,19 @@ def generate(
 
 
 def _generate_batch(
-    lm: LoadedModel, prompts: list[str], encoded: list[list[int]], hook: SteeringHook | None, mode_name: str,
-    stops: set[int], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, refusal_text: str,
-    return_logits: bool, poly: SafetyPolytope | None,
+    lm: LoadedModel,
+    prompts: list[str],
+    encoded: list[list[int]],
+    hook: SteeringHook | None,
+    mode_name: str,
+    stops: set[int],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    refusal_text: str,
+    return_logits: bool,
+    poly: SafetyPolytope | None,
 ) -> list[Generation]:
     inputs = left_pad(encoded, lm.tokenizer.pad_token_id, lm.device)
     inputs.pop("position_ids")
@@ -205,8 +238,12 @@ def _generate_batch(
         sampling.update(temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
         out = lm.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id,
-            return_dict_in_generate=True, output_logits=return_logits, **sampling,
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=lm.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=return_logits,
+            **sampling,
         )
     width = inputs["input_ids"].shape[1]
     new = out.sequences[:, width:].tolist()
@@ -216,13 +253,15 @@ def _generate_batch(
         ids = ids[:cut]
         gen = Generation(prompt, lm.tokenizer.decode(ids, skip_special_tokens=True), ids, mode_name)
         if return_logits and out.logits:
-            gen.logits = torch.stack([step[row] for step in out.logits[:cut]]).float().cpu() if cut else torch.zeros(0)
+            gen.logits = (
+                torch.stack([step[row] for step in out.logits[:cut]]).float().cpu() if cut else torch.zeros(0)
+            )
         if hook is not None and poly is not None:
             toks = lm.tokenizer.convert_ids_to_tokens(ids)
             gen.trace, gen.summary = row_trace(hook.trace, row, toks, poly.facet_names)
             if gen.summary.failed_tokens:
                 gen.response, gen.refused, gen.fallback = refusal_text, True, "refusal"
-            elif mode_name == "refuse" and (gen.summary.prompt_fired or gen.summary.fired_tokens):
+            elif mode_name == "refuse" and (gen.summary.prompt_fired or gen.summary.fired_steered):
                 gen.response, gen.refused = refusal_text, True
         gens.append(gen)
     return gens

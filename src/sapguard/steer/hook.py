@@ -41,6 +41,18 @@ logger = logging.getLogger(__name__)
 
 TOKEN_POLICIES = ("prompt", "generated", "first_n", "all")
 
+HOOK_DEFAULTS: dict[str, Any] = {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
+"""The paper's settings, used when neither the caller nor the polytope says otherwise."""
+
+
+def hook_settings(poly: SafetyPolytope, **given: Any) -> dict[str, Any]:
+    """Token policy, first_n and threshold: explicit values, else the polytope's tuned ones, else the paper's."""
+    stored = (poly.meta.get("steering") or {}).get("hook") or {}
+    return {
+        k: given[k] if given.get(k) is not None else stored.get(k, default)
+        for k, default in HOOK_DEFAULTS.items()
+    }
+
 
 class SteeringHook:
     """Hooks that steer one model with one polytope. Use as a context manager or call :meth:`remove`.
@@ -125,14 +137,16 @@ class SteeringHook:
     def __enter__(self) -> SteeringHook:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     # -- hook bodies -----------------------------------------------------------------------
     def _capture_inputs(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self._attention_mask = kwargs.get("attention_mask")
         cache_position = kwargs.get("cache_position")
-        self._cache_start = int(cache_position.reshape(-1)[0]) if isinstance(cache_position, torch.Tensor) else None
+        self._cache_start = (
+            int(cache_position.reshape(-1)[0]) if isinstance(cache_position, torch.Tensor) else None
+        )
 
     def _poly_on(self, device: torch.device) -> SafetyPolytope:
         if device not in self._poly_cache:
@@ -141,7 +155,9 @@ class SteeringHook:
             self._poly_cache[device] = poly
         return self._poly_cache[device]
 
-    def _positions(self, batch: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _positions(
+        self, batch: int, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Selected ``[B, T]`` mask, real-token mask and the generated index of the last position."""
         start = self._cache_start if self._cache_start is not None else (0 if width > 1 else self._seen)
         if start == 0:
@@ -188,7 +204,22 @@ class SteeringHook:
             failed[edit] = result.failed
             self.edited_positions += int(edit.sum())
             self.total_steps += int(result.steps.sum())
-        self._record(batch, rows, cols, width, gen_last, margins, fired, selected[rows, cols], edit, h, new_h, steps, failed, poly)
+        self._record(
+            batch,
+            rows,
+            cols,
+            width,
+            gen_last,
+            margins,
+            fired,
+            selected[rows, cols],
+            edit,
+            h,
+            new_h,
+            steps,
+            failed,
+            poly,
+        )
         if not bool(edit.any()):
             return None
         edited_hidden = hidden.clone()
@@ -196,9 +227,21 @@ class SteeringHook:
         return rewrap_hidden(output, edited_hidden)
 
     def _record(
-        self, batch: int, rows: torch.Tensor, cols: torch.Tensor, width: int, gen_last: int, margins: torch.Tensor,
-        fired: torch.Tensor, chosen: torch.Tensor, edit: torch.Tensor, h: torch.Tensor, new_h: torch.Tensor, steps: torch.Tensor,
-        failed: torch.Tensor, poly: SafetyPolytope,
+        self,
+        batch: int,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        width: int,
+        gen_last: int,
+        margins: torch.Tensor,
+        fired: torch.Tensor,
+        chosen: torch.Tensor,
+        edit: torch.Tensor,
+        h: torch.Tensor,
+        new_h: torch.Tensor,
+        steps: torch.Tensor,
+        failed: torch.Tensor,
+        poly: SafetyPolytope,
     ) -> None:
         k = margins.shape[-1]
         last = cols == width - 1
@@ -209,34 +252,65 @@ class SteeringHook:
         if bool(edit[last].any()):
             e = last & edit
             after[rows[e].cpu()] = poly.margins(new_h[e]).max(-1).values.cpu()
+
         def pick(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             out = torch.zeros(batch, dtype=dtype)
             out[r] = t[last].cpu().to(dtype)
             return out
+
         step = TraceStep(
-            gen_index=gen_last, margins=out_m, fired=pick(fired, torch.bool), edited=pick(edit, torch.bool),
-            edit_norm=pick((new_h - h).norm(dim=-1), torch.float32), steps=pick(steps, torch.long),
-            failed=pick(failed, torch.bool), margin_after=after,
+            gen_index=gen_last,
+            margins=out_m,
+            fired=pick(fired, torch.bool),
+            steered=pick(chosen, torch.bool),
+            edited=pick(edit, torch.bool),
+            edit_norm=pick((new_h - h).norm(dim=-1), torch.float32),
+            steps=pick(steps, torch.long),
+            failed=pick(failed, torch.bool),
+            margin_after=after,
         )
         if gen_last == 0:
             early = ~last
             step.prompt_fired = torch.zeros(batch, dtype=torch.bool)
             step.prompt_edited = torch.zeros(batch, dtype=torch.long)
             if bool(early.any()):
-                step.prompt_fired.index_put_((rows[early & fired & chosen].cpu(),), torch.tensor(True), accumulate=False)
-                step.prompt_edited.index_add_(0, rows[early & edit].cpu(), torch.ones(int((early & edit).sum()), dtype=torch.long))
+                step.prompt_fired.index_put_(
+                    (rows[early & fired & chosen].cpu(),), torch.tensor(True), accumulate=False
+                )
+                step.prompt_edited.index_add_(
+                    0, rows[early & edit].cpu(), torch.ones(int((early & edit).sum()), dtype=torch.long)
+                )
         self.trace.append(step)
 
 
 @contextlib.contextmanager
-def steer(model: nn.Module, poly: SafetyPolytope, mode: SteeringMode, **options: Any) -> Iterator[SteeringHook]:
+def steer(
+    model: Any, poly: SafetyPolytope, mode: str | SteeringMode = "safeflow", **options: Any
+) -> Iterator[SteeringHook]:
     """Context manager form of :class:`SteeringHook`; the hooks are always removed.
 
+    Args:
+        model: A transformers causal LM or a :class:`~sapguard.models.loading.LoadedModel`.
+        poly: The polytope.
+        mode: A mode name (built by :func:`~sapguard.steer.modes.make_mode` with the artifact's
+            tuned defaults) or a mode object.
+        **options: ``tokens``, ``first_n``, ``threshold`` (default: the artifact's tuned ones),
+            ``layer``, ``path_template``.
+
     Example:
-        >>> with steer(lm.model, poly, SafeFlow(margin=1.0)) as hook:  # doctest: +SKIP
+        >>> with steer(lm.model, poly, "redirect") as hook:  # doctest: +SKIP
         ...     lm.model.generate(**inputs)
     """
-    hook = SteeringHook(model, poly, mode, **options)
+    from sapguard.steer.modes import make_mode
+
+    module = (
+        model.model
+        if hasattr(model, "tokenizer") and isinstance(getattr(model, "model", None), nn.Module)
+        else model
+    )
+    mode_obj = make_mode(mode, poly) if isinstance(mode, str) else mode
+    settings = hook_settings(poly, **{k: options.pop(k, None) for k in HOOK_DEFAULTS})
+    hook = SteeringHook(module, poly, mode_obj, **settings, **options)
     try:
         yield hook
     finally:

@@ -136,7 +136,9 @@ class SafeFlow:
                 opt.step()
                 steps += active.long()
         if bool(failed.any()):
-            logger.warning("SafeFlow produced non-finite values for %d state(s); falling back", int(failed.sum()))
+            logger.warning(
+                "SafeFlow produced non-finite values for %d state(s); falling back", int(failed.sum())
+            )
         return Edit(best, steps, failed)
 
 
@@ -157,8 +159,11 @@ class Redirect:
 
     def edit(self, h: torch.Tensor, poly: SafetyPolytope) -> Edit:
         u = self.direction.to(h.device, torch.float32)
-        return Edit(h + self.alpha * u, torch.zeros(len(h), dtype=torch.long, device=h.device),
-                    torch.zeros(len(h), dtype=torch.bool, device=h.device))
+        return Edit(
+            h + self.alpha * u,
+            torch.zeros(len(h), dtype=torch.long, device=h.device),
+            torch.zeros(len(h), dtype=torch.bool, device=h.device),
+        )
 
 
 @dataclass
@@ -173,7 +178,9 @@ def steering_direction(poly: SafetyPolytope) -> torch.Tensor:
     """The redirect direction stored in the polytope's meta (``meta["steering"]["direction"]``)."""
     steering = poly.meta.get("steering") or {}
     if "direction" not in steering:
-        raise SapError("this polytope has no steering direction; train it with `sap steer-train` or use safeflow")
+        raise SapError(
+            "this polytope has no steering direction; train it with `sap steer-train` or use safeflow"
+        )
     return torch.tensor(steering["direction"], dtype=torch.float32)
 
 

@@ -20,6 +20,7 @@ class TraceStep:
         gen_index: Index of the generated token this call emits.
         margins: ``[B, K]`` per-facet margins at the emitting position before any edit.
         fired: ``[B]`` the emitting position violated the polytope (max margin > threshold).
+        steered: ``[B]`` the emitting position is one the token policy may edit.
         edited: ``[B]`` the emitting position was edited.
         edit_norm: ``[B]`` L2 norm of the edit at the emitting position (0 when not edited).
         steps: ``[B]`` optimisation steps used at the emitting position.
@@ -33,6 +34,7 @@ class TraceStep:
     gen_index: int
     margins: torch.Tensor
     fired: torch.Tensor
+    steered: torch.Tensor
     edited: torch.Tensor
     edit_norm: torch.Tensor
     steps: torch.Tensor
@@ -50,6 +52,7 @@ class TokenTrace:
     token: str
     margins: list[float]
     fired: bool
+    steered: bool
     edited: bool
     edit_norm: float
     steps: int
@@ -66,6 +69,7 @@ class TraceSummary:
 
     tokens: int = 0
     fired_tokens: int = 0
+    fired_steered: int = 0
     edited_tokens: int = 0
     prompt_fired: bool = False
     prompt_edited: int = 0
@@ -79,7 +83,9 @@ class TraceSummary:
         return dict(self.__dict__)
 
 
-def row_trace(steps: list[TraceStep], row: int, tokens: list[str], facet_names: list[str]) -> tuple[list[TokenTrace], TraceSummary]:
+def row_trace(
+    steps: list[TraceStep], row: int, tokens: list[str], facet_names: list[str]
+) -> tuple[list[TokenTrace], TraceSummary]:
     """The trace of batch row ``row`` over its ``len(tokens)`` generated tokens (EOS excluded)."""
     by_index = {s.gen_index: s for s in steps}
     out: list[TokenTrace] = []
@@ -90,14 +96,25 @@ def row_trace(steps: list[TraceStep], row: int, tokens: list[str], facet_names: 
             continue
         m = s.margins[row].tolist()
         out.append(
-            TokenTrace(i, tok, [round(x, 4) for x in m], bool(s.fired[row]), bool(s.edited[row]),
-                       float(s.edit_norm[row]), int(s.steps[row]), bool(s.failed[row]), float(s.margin_after[row]))
+            TokenTrace(
+                i,
+                tok,
+                [round(x, 4) for x in m],
+                bool(s.fired[row]),
+                bool(s.steered[row]),
+                bool(s.edited[row]),
+                float(s.edit_norm[row]),
+                int(s.steps[row]),
+                bool(s.failed[row]),
+                float(s.margin_after[row]),
+            )
         )
     prefill = by_index.get(0)
     if prefill is not None and prefill.prompt_fired is not None and prefill.prompt_edited is not None:
         summary.prompt_fired = bool(prefill.prompt_fired[row])
         summary.prompt_edited = int(prefill.prompt_edited[row])
     summary.fired_tokens = sum(t.fired for t in out)
+    summary.fired_steered = sum(t.fired and t.steered for t in out)
     summary.edited_tokens = sum(t.edited for t in out)
     summary.failed_tokens = sum(t.failed for t in out)
     summary.total_steps = sum(t.steps for t in out)
