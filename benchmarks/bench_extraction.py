@@ -45,8 +45,8 @@ def raw_batched(lm, batches) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results_extraction.json")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -127,6 +127,17 @@ class SafetyPolytope(nn.Module):
 
         return scan(self, texts, lm=lm, **kwargs)
 
+    def steer(self, model: Any, mode: Any = "safeflow", **options: Any) -> Any:
+        """Context manager steering ``model`` with this polytope; see :func:`sapguard.steer.hook.steer`.
+
+        Example:
+            >>> with poly.steer(lm, "redirect"):  # doctest: +SKIP
+            ...     lm.model.generate(**inputs, max_new_tokens=32)
+        """
+        from sapguard.steer.hook import steer
+
+        return steer(model, self, mode, **options)
+
     def save_pretrained(self, directory: Any) -> None:
         """Write the artifact directory; see :func:`sapguard.polytope.artifact.save_polytope`."""
         from sapguard.polytope.artifact import save_polytope
