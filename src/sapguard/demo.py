@@ -89,7 +89,10 @@ def run_demo(out: str | Path = "runs/demo", *, show_progress: bool = False, echo
     write_json(out / "metrics.json", metrics)
     with atomic_write(out / "report.md") as fh:
         fh.write(report_markdown(poly.meta, summary, metrics, verdicts, timings) + steering_section(steering))
-    say(f"wrote {out}/polytope, {out}/metrics.json and {out}/report.md")
+    from sapguard.interpret.report import build_report
+
+    build_report(poly, features, out / "report.html", split="test", metrics=metrics)
+    say(f"wrote {out}/polytope, {out}/metrics.json, {out}/report.md and {out}/report.html")
     return {"out": str(out), "timings_s": timings, "test": metrics["detectors"], "facet_names": poly.facet_names}
 
 
