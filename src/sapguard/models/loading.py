@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sapguard.errors import SapError
-from sapguard.io import atomic_write, sha256_file
+from sapguard.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
