@@ -78,8 +78,8 @@ def name_facets_by_specialisation(poly: SafetyPolytope, x: torch.Tensor, y: np.n
     """Rename facets after the category each specialises in (MI + Hungarian matching, train rows).
 
     Only when the records carry categories; a facet whose best MI does not beat the chance level of
-    shuffled labels is called ``facet_<k>``. Without categories the names given in training stay
-    (largest share of the unsafe rows assigned to the facet).
+    shuffled labels is called ``facet_<k>``. Without categories the names from training stay
+    (``facet_<k>``: there is nothing to name them after).
     """
     from sapguard.interpret.naming import suggested_names
     from sapguard.interpret.specialisation import analyse_specialisation

@@ -119,14 +119,14 @@ def mc_accuracy(
 
     from sapguard.features.hooks import left_pad
     from sapguard.models.chat import resolve_template
-    from sapguard.steer.generate import encode_for_generation
+    from sapguard.models.chat import encode_prompt
 
     template = resolve_template(lm.tokenizer, template)
     letter_ids = [lm.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in LETTERS]
     correct = 0
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
-        ids = [encode_for_generation(lm.tokenizer, q.prompt(), template, system) for q in batch]
+        ids = [encode_prompt(lm.tokenizer, q.prompt(), template, system) for q in batch]
         inputs = left_pad(ids, lm.tokenizer.pad_token_id, lm.device)
         with context() if context else contextlib.nullcontext():
             logits = lm.model(**inputs, use_cache=False).logits[:, -1, letter_ids]

@@ -25,14 +25,13 @@ from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, local_questions, mc_accuracy
 from sapguard.data.records import Record
 from sapguard.errors import SapError
-from sapguard.models.chat import resolve_template
+from sapguard.models.chat import encode_prompt, resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.steer.defences import SAFETY_SYSTEM_PROMPT, refusal_direction, refusal_direction_mode
 from sapguard.steer.generate import (
     DEFAULT_REFUSAL,
     Generation,
-    encode_for_generation,
     generate,
 )
 from sapguard.steer.hook import SteeringHook, hook_settings
@@ -217,7 +216,7 @@ def run_bench(
         )["accuracy"]
 
     refusal, degeneration = RefusalJudge(), DegenerationJudge()
-    prompt_ids = [encode_for_generation(lm.tokenizer, p, template) for p in prompts]
+    prompt_ids = [encode_prompt(lm.tokenizer, p, template) for p in prompts]
     report: dict[str, Any] = {
         "config": asdict(cfg),
         "model": lm.identity(),

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sapguard.data.records import Record
+from sapguard.data.records import Record, prompt_and_response
 from sapguard.errors import SapError
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,7 @@ _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
 def _row_to_record(row: dict[str, Any], where: str) -> Record:
-    prompt = row.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SapError(f"{where}: missing or empty 'prompt'")
-    response = row.get("response")
-    if response is not None and not isinstance(response, str):
-        raise SapError(f"{where}: 'response' must be a string")
+    prompt, response = prompt_and_response(row, where)
     is_safe = row.get("is_safe")
     if not isinstance(is_safe, bool):
         if is_safe in (0, 1):
@@ -59,7 +54,7 @@ def _row_to_record(row: dict[str, Any], where: str) -> Record:
     cats = tuple(sorted(str(k) for k, v in category.items() if v))
     return Record(
         prompt=prompt,
-        response=response if response and response.strip() else None,
+        response=response,
         is_safe=is_safe,
         categories=cats,
         source=SOURCE,

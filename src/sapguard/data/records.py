@@ -85,16 +85,20 @@ def _categories(value: Any, where: str) -> tuple[str, ...]:
     raise SapError(f"{where}: categories must be a list or a comma-separated string")
 
 
-def record_from_mapping(row: dict[str, Any], where: str, default_source: str) -> Record:
-    """Build a :class:`Record` from a JSON object or CSV row, validating every field."""
+def prompt_and_response(row: dict[str, Any], where: str) -> tuple[str, str | None]:
+    """The validated ``prompt`` and ``response`` of a row (a blank response becomes ``None``)."""
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise SapError(f"{where}: missing or empty 'prompt'")
     response = row.get("response")
     if response is not None and not isinstance(response, str):
         raise SapError(f"{where}: 'response' must be a string")
-    if response is not None and not response.strip():
-        response = None
+    return prompt, response if response and response.strip() else None
+
+
+def record_from_mapping(row: dict[str, Any], where: str, default_source: str) -> Record:
+    """Build a :class:`Record` from a JSON object or CSV row, validating every field."""
+    prompt, response = prompt_and_response(row, where)
     if "is_safe" in row and row["is_safe"] not in (None, ""):
         is_safe = parse_label(row["is_safe"], where)
     elif "label" in row and row["label"] not in (None, ""):

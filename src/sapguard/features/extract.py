@@ -30,6 +30,9 @@ from sapguard.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
+MAX_BATCH_TOKENS = 16384
+"""Upper bound on padded tokens per forward pass (batch size x longest sequence)."""
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -107,7 +110,7 @@ def extract_features(
     template: str = "auto",
     batch_size: int = 32,
     max_length: int = 1024,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states of ``records`` at ``layer``, in memory.
@@ -219,7 +222,7 @@ def extract_to_dir(
     with LayerReader(lm.model, layer, stop=True) as reader:
         for number in range(len(shards), len(chunks)):
             feats, index, pos = [], [], []
-            for batch in length_sorted_batches(chunks[number], batch_size, 16384):
+            for batch in length_sorted_batches(chunks[number], batch_size, MAX_BATCH_TOKENS):
                 f, i, p = run_batch(reader, lm, batch)
                 feats.append(f)
                 index.extend(i)

@@ -29,13 +29,20 @@ def resolve_template(tokenizer: Any, template: str) -> str:
     return template
 
 
-def encode_prompt(tokenizer: Any, prompt: str, template: str) -> list[int]:
-    """Token ids of a prompt ready for generation under ``template`` (already resolved)."""
+def encode_prompt(tokenizer: Any, prompt: str, template: str, system: str | None = None) -> list[int]:
+    """Token ids of a prompt ready for generation under ``template`` (already resolved).
+
+    Args:
+        system: Optional system turn before the user turn (chat template only).
+    """
     if template == "chat":
+        turns = [{"role": "system", "content": system}] if system is not None else []
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            [*turns, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if system is not None:
+        raise SapError("a system prompt needs the chat template")
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 

@@ -70,20 +70,6 @@ class Generation:
         return out
 
 
-def encode_for_generation(tokenizer: Any, prompt: str, template: str, system: str | None = None) -> list[int]:
-    """Prompt ids under the (resolved) template, optionally with a system turn (chat only)."""
-    if system is None:
-        return encode_prompt(tokenizer, prompt, template)
-    if template != "chat":
-        raise SapError("a system prompt needs the chat template")
-    text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def eos_ids(lm: LoadedModel) -> set[int]:
     """Token ids that end a response."""
     ids: set[int] = set()
@@ -158,7 +144,7 @@ def generate(
     template = resolve_template(
         lm.tokenizer, template or (poly.meta.get("template") if poly is not None else None) or "auto"
     )
-    encoded = [encode_for_generation(lm.tokenizer, p, template, system) for p in prompts]
+    encoded = [encode_prompt(lm.tokenizer, p, template, system) for p in prompts]
     window = _context_window(lm)
     for i, ids in enumerate(encoded):
         if window and len(ids) + max_new_tokens > window:
