@@ -77,22 +77,24 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_json_object(path: str | os.PathLike[str], hint: str) -> dict[str, Any]:
-    """Read a JSON object from ``path``; one-line SapError when missing or malformed.
+def read_json(path: str | os.PathLike[str], what: str, *, hint: str | None = None, require_object: bool = True) -> Any:
+    """Read a JSON file; one-line SapError naming it when missing or malformed.
 
     Args:
         path: The JSON file.
-        hint: What the file should be, for the "not found" message (e.g. "a polytope saved by sapguard").
+        what: What the file is, for messages (e.g. ``"config"``, ``"metrics"``).
+        hint: What the folder should be, added to the "not found" message.
+        require_object: Refuse anything but a JSON object.
     """
     from sapguard.errors import SapError
 
     path = Path(path)
     if not path.is_file():
-        raise SapError(f"{path}: not found; is {path.parent} {hint}?")
+        raise SapError(f"{path}: not found; is {path.parent} {hint}?" if hint else f"{path}: {what} file not found")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SapError(f"{path}: malformed JSON ({err})") from None
-    if not isinstance(obj, dict):
+        raise SapError(f"{path}: malformed {what} JSON ({err})") from None
+    if require_object and not isinstance(obj, dict):
         raise SapError(f"{path}: expected a JSON object")
     return obj

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import typer
 
 from sapguard.cli.common import JSON_OPTION, VERBOSE_OPTION, emit_json, handle_errors, setup_logging, table
 from sapguard.errors import SapError
+from sapguard.io import read_json
 
 POLYTOPE = typer.Option(..., "--polytope", "-p", help="Polytope artifact directory.")
 FEATURES = typer.Option(
@@ -27,16 +27,6 @@ RENAME = typer.Option(False, "--rename", help="Write the analysis-derived facet 
 FACET = typer.Option(..., "--facet", help="Facet name or index.")
 HTML_OUT = typer.Option(None, "--html", help="Also write the highlighted sentence as HTML.")
 TEXT = typer.Argument(..., help="The text to attribute.")
-
-
-def read_json_file(path: Path, what: str) -> Any:
-    """Parse a JSON file given on the command line, with a one-line error naming it."""
-    if not path.is_file():
-        raise SapError(f"{path}: {what} file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SapError(f"{path}: malformed {what} JSON ({err})") from None
 
 
 def _load(polytope: Path, features: Path) -> tuple[Any, Any]:
@@ -123,8 +113,8 @@ def report(
     from sapguard.interpret.report import build_report
 
     setup_logging(verbose)
-    metrics_obj = read_json_file(metrics, "metrics") if metrics else None
-    bench_obj = read_json_file(bench, "bench") if bench else None
+    metrics_obj = read_json(metrics, "metrics", require_object=False) if metrics else None
+    bench_obj = read_json(bench, "bench", require_object=False) if bench else None
     poly, feats = _load(polytope, features)
     path, analysis = build_report(
         poly, feats, out, split=split, metrics=metrics_obj, bench=bench_obj, top_k=top_k

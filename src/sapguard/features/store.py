@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from sapguard.data.records import Record, record_from_mapping
 from sapguard.errors import ArtifactMismatchError, SapError
-from sapguard.io import read_json_object, sha256_file
+from sapguard.io import read_json, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,7 +35,7 @@ RECORDS = "records.jsonl"
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and sanity-check a features manifest."""
     path = Path(directory) / MANIFEST
-    manifest = read_json_object(path, "a features directory made by `sap extract`")
+    manifest = read_json(path, "manifest", hint="a features directory made by `sap extract`")
     for key in ("format_version", "model", "layer", "policy", "template", "shards", "complete", "hidden_size"):
         if key not in manifest:
             raise SapError(f"{path}: manifest lacks {key!r}")

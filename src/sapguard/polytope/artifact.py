@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sapguard.errors import ArtifactMismatchError, SapError
-from sapguard.io import atomic_write, read_json_object, sha256_file, write_json
+from sapguard.io import atomic_write, read_json, sha256_file, write_json
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
 
 CONFIG = "config.json"
@@ -67,7 +67,7 @@ def save_polytope(poly: SafetyPolytope, directory: str | Path) -> None:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """Read and validate an artifact's ``config.json``."""
     path = Path(directory) / CONFIG
-    config = read_json_object(path, "a polytope saved by sapguard")
+    config = read_json(path, "config", hint="a polytope saved by sapguard")
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise SapError(f"{path}: missing {', '.join(missing)}")
