@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/sap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve]'
 	touch $(BIN)/sap
 
 install: $(BIN)/sap
