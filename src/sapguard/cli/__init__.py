@@ -17,5 +17,6 @@ from sapguard.cli import core  # noqa: E402
 core.register(app)
 from sapguard.cli import interpret as _interpret; _interpret.register(app)  # noqa: E402, E702
 from sapguard.cli import steer as _steer; _steer.register(app)  # noqa: E402, E702
+from sapguard.cli import serve as _serve; _serve.register(app)  # noqa: E402, E702
 
 __all__ = ["app"]
