@@ -13,7 +13,8 @@ forward for this check). When the polytope fires on the prompt, ``refuse`` answe
 refusal text. Other modes report firings in the ``sapguard`` object and go on (steered or not).
 
 Batches are left-padded with position ids counting real tokens only (as ``generate`` does);
-finished, cancelled or timed-out rows are dropped from the batch and the KV cache at once.
+finished, cancelled or timed-out rows are dropped from the batch and the KV cache at once (when
+the hook's gate keeps no per-row state; otherwise they ride along as masked padding).
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ class Decoder:
             inputs["attention_mask"][0, 0] = 0
         attn = inputs["attention_mask"]
         positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-        active = list(jobs)
+        rows = list(jobs)  # batch row -> job; None once the row is done
+        pad = self.lm.tokenizer.pad_token_id
         with steer(model, self.poly, self.modes[mode], **self.hook_options) as hook:
+            # The default gate decides per position and keeps no per-row state, so finished rows can
+            # leave the batch (and the KV cache); otherwise they stay as masked padding to the end.
+            prune = getattr(hook, "gate", "position") == "position"
             out = model(
                 input_ids=inputs["input_ids"], attention_mask=attn, position_ids=positions,
                 use_cache=True, logits_to_keep=1,
@@ -164,25 +169,27 @@ class Decoder:
             step_index = 0
             while True:
                 trace = hook.trace[-1]
-                hook.reset()
+                hook.trace.clear()
                 logits = out.logits[:, -1, :].float()
-                keep: list[int] = []
                 next_tokens: list[int] = []
-                for row, job in enumerate(active):
-                    token = self._advance(job, row, step_index, trace, logits[row], hook.threshold)
-                    if token is not None:
-                        keep.append(row)
-                        next_tokens.append(token)
-                if not keep:
+                for row, job in enumerate(rows):
+                    token = None if job is None else self._advance(job, row, step_index, trace, logits[row], hook.threshold)
+                    if token is None:
+                        rows[row] = None
+                    next_tokens.append(pad if token is None else token)
+                live = [i for i, job in enumerate(rows) if job is not None]
+                if not live:
                     return
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, device=device)
+                if prune and len(live) < len(rows):
+                    index = torch.tensor(live, device=device)
                     cache.batch_select_indices(index)
                     attn, positions = attn[index], positions[index]
-                    active = [active[i] for i in keep]
+                    rows = [rows[i] for i in live]
+                    next_tokens = [next_tokens[i] for i in live]
                 if between_steps is not None:
                     between_steps(hook)
-                attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)
+                alive = torch.tensor([job is not None for job in rows], device=device, dtype=attn.dtype)
+                attn = torch.cat([attn, alive[:, None]], dim=1)
                 positions = positions[:, -1:] + 1
                 out = model(
                     input_ids=torch.tensor(next_tokens, device=device)[:, None], attention_mask=attn,
