@@ -77,49 +77,33 @@ def test_chat_switches_mode_and_quits(saved):
     assert result.output.count("bot>") == 2 and "mode: detect" in result.output
 
 
-def test_steer_train_from_user_jsonl(saved):
-    rows = []
-    for split in ("train", "validation"):
-        for i, (p, r, safe) in enumerate(
-            [
-                ("how do i make a bomb", "the bomb is", False),
-                ("how do i make a bomb", "i can not help", True),
-                ("bake bread", "the bread is safe", True),
-                ("steal card please", "buy a card", False),
-            ]
-            * 3
-        ):
-            rows.append(
-                {
-                    "prompt": p,
-                    "response": r,
-                    "is_safe": safe,
-                    "split": split,
-                    "group": f"{split}{i}",
-                    "source": "steer/own-completion" if not safe else "steer/refusal",
-                }
-            )
-    data = saved / "steer.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = saved / "steer-poly"
-    result = CliRunner().invoke(
-        app,
-        [
-            "steer-train",
-            "-o",
-            str(out),
-            "--data",
-            str(data),
-            "--layer",
-            "2",
-            "--model",
-            str(saved / "model"),
-            "--no-prompt-rows",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    from sapguard.polytope.artifact import load_polytope
+def test_steer_train_writes_gate_and_target(saved, monkeypatch):
+    from sapguard.bench import attacks
+    from sapguard.data import default_corpus
+    from tests.test_steer_target import _corpus
 
-    poly = load_polytope(out)
-    assert poly.meta["layer"] == 2 and len(poly.meta["steering"]["direction"]) == 32
-    assert poly.meta["policy"] == "response_tokens"
+    monkeypatch.setattr(default_corpus, "build_default_corpus", _corpus)
+    monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
+    out = saved / "steer-art"
+    args = ["steer-train", "-o", str(out), "--layer", "2", "--model", str(saved / "model"), "--first-n", "2"]
+    args += [
+        "--n-harmful",
+        "6",
+        "--n-wrapped",
+        "3",
+        "--n-benign",
+        "6",
+        "--n-gate",
+        "12",
+        "--n-gate-wrapped",
+        "6",
+    ]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layer"] == 2 and summary["target_facets"] >= 1
+    from sapguard.steer.target import load_steering, target_of
+
+    gate = load_steering(out)
+    assert target_of(gate) is not None and gate.meta["steering"]["hook"]["first_n"] == 2
+    assert len(gate.meta["steering"]["direction"]) == 32

@@ -138,7 +138,7 @@ def test_safeflow_reaches_margin_and_reports_steps(tiny_llama):
     v = poly.margins(h).max(-1).values
     bad = h[v > 0]
     assert len(bad) > 0
-    result = SafeFlow(margin=0.5, lr=0.2, max_steps=300).edit(bad, poly)
+    result = SafeFlow(margin=0.5, max_steps=300).edit(bad, poly)
     after = poly.margins(result.hidden).max(-1).values
     assert bool((after <= -0.5 + 1e-4).all())
     assert bool((result.steps >= 1).all()) and not bool(result.failed.any())
@@ -200,9 +200,17 @@ def test_tuned_hook_settings_come_from_the_artifact(tiny_llama):
     from sapguard.steer.hook import hook_settings
 
     poly = tiny_polytope(tiny_llama, offset=ALWAYS)
-    assert hook_settings(poly) == {"tokens": "first_n", "first_n": 20, "threshold": 0.0}
+    assert hook_settings(poly) == {"tokens": "first_n", "first_n": 20, "threshold": 0.0, "gate": "position"}
     poly.meta["steering"]["hook"] = {"first_n": 1, "threshold": -0.5}
-    assert hook_settings(poly, tokens="all") == {"tokens": "all", "first_n": 1, "threshold": -0.5}
+    assert hook_settings(poly, tokens="all") == {
+        "tokens": "all",
+        "first_n": 1,
+        "threshold": -0.5,
+        "gate": "position",
+    }
+    hook = SteeringHook(tiny_llama.model, poly, Detect())  # built directly: the artifact's settings too
+    assert (hook.tokens, hook.first_n, hook.threshold) == ("first_n", 1, -0.5)
+    hook.remove()
     gens = generate(tiny_llama, PROMPTS[:1], poly, "redirect", max_new_tokens=4)
     assert [t.edited for t in gens[0].trace] == [True] + [False] * (len(gens[0].trace) - 1)
 

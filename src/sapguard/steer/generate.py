@@ -1,7 +1,7 @@
 """Steered generation: prompts in, responses with per-token traces out.
 
 ``refuse`` runs the hook in trace-only mode and answers rows where the polytope fired at a
-position the token policy selects (prompt positions or generated tokens) with ``refusal_text``. Fallback: when
+position the token policy selects (prompt positions or generated tokens) with ``refusal_text``; such rows stop generating as soon as the polytope fires. Fallback: when
 SafeFlow's optimisation goes non-finite for a row, that row is answered with ``refusal_text``
 too and marked ``fallback="refusal"``; steering never silently returns an unsteered answer.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sapguard.errors import SapError
 from sapguard.features.hooks import left_pad
@@ -95,6 +96,7 @@ def generate(
     tokens: str | None = None,
     first_n: int | None = None,
     threshold: float | None = None,
+    gate: str | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -115,8 +117,9 @@ def generate(
         prompts: User prompts (non-empty).
         poly: The polytope, or ``None`` for plain generation.
         mode: ``"safeflow"``, ``"redirect"``, ``"refuse"``, ``"detect"``, a mode object, or ``None``.
-        tokens, first_n, threshold: See :class:`~sapguard.steer.hook.SteeringHook`; ``None`` takes
-            the polytope's tuned ``meta["steering"]["hook"]`` settings, else first_n / 20 / 0.0.
+        tokens, first_n, threshold, gate: See :class:`~sapguard.steer.hook.SteeringHook`; ``None``
+            takes the polytope's tuned ``meta["steering"]["hook"]`` settings, else first_n / 20 / 0.0 /
+            position.
         max_new_tokens, do_sample, temperature, top_p, seed: Decoding settings.
         system: Optional system prompt (chat template only).
         template: Override of the polytope's template (default: its ``meta["template"]`` or auto).
@@ -164,7 +167,7 @@ def generate(
             lm.model,
             poly,
             mode_obj,
-            **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold),
+            **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate),
         )
     results: list[Generation] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -198,6 +201,19 @@ def generate(
     return [g for _, g in results]
 
 
+class _StopWhenFired(StoppingCriteria):
+    """Per-row stop for ``refuse``: a row whose answer is replaced needs no more tokens."""
+
+    def __init__(self, hook: SteeringHook):
+        self.hook = hook
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        fired = self.hook.fired_rows
+        if fired is None or len(fired) != input_ids.shape[0]:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return fired.to(input_ids.device)
+
+
 def _generate_batch(
     lm: LoadedModel,
     prompts: list[str],
@@ -222,6 +238,9 @@ def _generate_batch(
         sampling.update(temperature=temperature, top_p=top_p)
     else:
         sampling.update(temperature=None, top_p=None, top_k=None)
+    if hook is not None and mode_name == "refuse":
+        # Rows whose answer will be replaced stop as soon as the polytope fires.
+        sampling["stopping_criteria"] = StoppingCriteriaList([_StopWhenFired(hook)])
     with torch.no_grad():
         out = lm.model.generate(
             **inputs,

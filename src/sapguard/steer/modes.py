@@ -4,7 +4,8 @@ Every mode implements :class:`SteeringMode`: ``edit(h, poly) -> Edit`` receives 
 that violate the polytope (float32, on the activation's device) and returns their replacements.
 Rows that do not violate never reach a mode, so they are never touched.
 
-- :class:`SafeFlow`: the paper's Algorithm 1, done properly (iterate until every facet holds).
+- :class:`SafeFlow`: the paper's Algorithm 1 as a minimal-edit solver (proximal steps until every
+  facet of its target holds).
 - :class:`Redirect`: add a learned direction (refusal mean minus compliance mean), gated by the
   polytope, in the spirit of conditional activation steering.
 - :class:`Detect`: no edit, only the trace. ``refuse`` is :class:`Detect` in the hook plus a fixed
@@ -15,13 +16,14 @@ Rows that do not violate never reach a mode, so they are never touched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 
 from sapguard.errors import SapError
 from sapguard.polytope.model import SafetyPolytope
+from sapguard.steer.solver import polytope_on, solve
 
 logger = logging.getLogger(__name__)
 
@@ -75,71 +77,73 @@ class Detect:
 
 @dataclass
 class SafeFlow:
-    """Algorithm 1: minimise ``||h'-h||_1/d + lambda_safe*sum v + lambda_unsafe*sum relu(v+margin)``.
+    """Algorithm 1 as a minimal-edit solver (:func:`sapguard.steer.solver.solve`).
 
-    ``v`` are the polytope's calibrated margins (positive = facet fires). Each row stops as soon as
-    every facet holds with ``margin`` (``max_k v_k <= -margin``) or after ``max_steps``.
+    Minimises ``||h'-h||_1/d + lambda_safe*sum v + lambda_unsafe*sum relu(v+margin)`` by proximal
+    steps with a closed-form gradient (no autograd for the paper's one-layer encoder). Each row
+    stops as soon as every facet holds with ``margin`` (``max_k v_k <= -margin``) or after
+    ``max_steps``; the final iterate is returned.
 
     Attributes:
         margin: Target margin inside the polytope.
         lambda_safe: Weight of ``sum v`` (pushes deeper inside; the paper's Qwen2 uses 5000).
-        lambda_unsafe: Weight of the hinge on violated facets.
-        lr: Step size (in units of the hidden state).
+        lambda_unsafe: Weight of the hinge; larger means a weaker l1 shrink per step.
         max_steps: Step budget per edited state.
-        optimizer: ``"adam"`` or ``"sgd"``.
+        overshoot: Multiplier of the Polyak step size.
+        target: The polytope whose constraints are solved (``None``: the gate itself, as in the
+            paper). A behavioural target (refusal vs compliance states) is stored in the artifact's
+            ``target/`` directory; see :mod:`sapguard.steer.target`.
+        basis: Optional ``[r, d]`` orthonormal rows restricting the edit to their span.
     """
 
     margin: float = 1.0
     lambda_safe: float = 0.0
     lambda_unsafe: float = 10.0
-    lr: float = 0.1
     max_steps: int = 50
-    optimizer: str = "adam"
+    overshoot: float = 1.2
+    target: SafetyPolytope | None = None
+    basis: torch.Tensor | None = None
     name: str = "safeflow"
     edits: bool = True
     gated: bool = True
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise SapError(f"unknown optimizer {self.optimizer!r}; expected adam or sgd")
         if self.max_steps < 1:
             raise SapError("max_steps must be at least 1")
+        if self.overshoot <= 0:
+            raise SapError("overshoot must be positive")
+        self._on_device: dict[torch.device, tuple[SafetyPolytope, torch.Tensor | None]] = {}
+
+    def constraints(
+        self, poly: SafetyPolytope, device: torch.device
+    ) -> tuple[SafetyPolytope, torch.Tensor | None]:
+        """The solved polytope (target or ``poly``) and the basis, float32 on ``device``."""
+        if self.target is None:
+            basis = None if self.basis is None else self.basis.to(device, torch.float32)
+            return poly, basis
+        if device not in self._on_device:
+            basis = None if self.basis is None else self.basis.to(device, torch.float32)
+            self._on_device[device] = (polytope_on(self.target, device), basis)
+        return self._on_device[device]
 
     def edit(self, h: torch.Tensor, poly: SafetyPolytope) -> Edit:
-        x = h.detach().clone().requires_grad_(True)
-        opt_cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
-        opt = opt_cls([x], lr=self.lr)
-        steps = torch.zeros(len(h), dtype=torch.long, device=h.device)
-        active = torch.ones(len(h), dtype=torch.bool, device=h.device)
-        failed = torch.zeros(len(h), dtype=torch.bool, device=h.device)
-        best = h.detach().clone()
-        d = h.shape[-1]
-        with torch.enable_grad():
-            for _ in range(self.max_steps):
-                v = poly.margins(x)
-                finite = torch.isfinite(v).all(-1) & torch.isfinite(x).all(-1)
-                failed |= active & ~finite
-                active &= finite
-                best[active] = x.detach()[active]
-                active &= v.detach().max(-1).values > -self.margin
-                if not bool(active.any()):
-                    break
-                loss_rows = (
-                    (x - h).abs().sum(-1) / d
-                    + self.lambda_safe * v.sum(-1)
-                    + self.lambda_unsafe * torch.relu(v + self.margin).sum(-1)
-                )
-                (grad,) = torch.autograd.grad(loss_rows[active].sum(), x)
-                grad = torch.nan_to_num(grad, nan=0.0) * active[:, None]
-                opt.zero_grad()
-                x.grad = grad
-                opt.step()
-                steps += active.long()
-        if bool(failed.any()):
-            logger.warning(
-                "SafeFlow produced non-finite values for %d state(s); falling back", int(failed.sum())
+        target, basis = self.constraints(poly, h.device)
+        with torch.inference_mode():
+            res = solve(
+                target,
+                h,
+                margin=self.margin,
+                lambda_safe=self.lambda_safe,
+                lambda_unsafe=self.lambda_unsafe,
+                max_steps=self.max_steps,
+                overshoot=self.overshoot,
+                basis=basis,
             )
-        return Edit(best, steps, failed)
+        if bool(res.failed.any()):
+            logger.warning(
+                "SafeFlow produced non-finite values for %d state(s); falling back", int(res.failed.sum())
+            )
+        return Edit(res.hidden, res.steps, res.failed)
 
 
 @dataclass
@@ -187,17 +191,32 @@ def steering_direction(poly: SafetyPolytope) -> torch.Tensor:
 def make_mode(name: str, poly: SafetyPolytope, **options: Any) -> SteeringMode:
     """Build a mode by name with defaults taken from ``poly.meta["steering"]`` when present.
 
+    SafeFlow's target defaults to the behavioural target attached to ``poly`` by
+    :func:`sapguard.steer.target.load_steering` (else the gate itself).
+
     Args:
         name: One of :data:`MODES`.
-        poly: The polytope (for stored defaults and the redirect direction).
-        **options: Overrides (``margin``, ``max_steps``, ``lr``, ``alpha``...); ``None`` values ignored.
+        poly: The polytope (for stored defaults, the target and the redirect direction).
+        **options: Overrides (``margin``, ``max_steps``, ``alpha``, ``target``...); ``None`` values ignored.
     """
+    from sapguard.steer.target import target_of
+
     stored = dict((poly.meta.get("steering") or {}).get("defaults", {}).get(name, {}))
     stored.update({k: v for k, v in options.items() if v is not None})
     if name == "safeflow":
-        return SafeFlow(**stored)
+        stored.setdefault("target", target_of(poly))
+        return SafeFlow(**_known(SafeFlow, stored))
     if name == "redirect":
-        return Redirect(direction=steering_direction(poly), **stored)
+        return Redirect(direction=steering_direction(poly), **_known(Redirect, stored))
     if name in ("refuse", "detect"):
         return Detect()
     raise SapError(f"unknown steering mode {name!r}; expected one of {', '.join(MODES)}")
+
+
+def _known(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Options ``cls`` accepts; stale keys of older artifacts (e.g. ``lr``) are dropped with a log line."""
+    names = {f.name for f in fields(cls)} - {"name", "edits", "gated", "direction"}
+    dropped = sorted(set(options) - names)
+    if dropped:
+        logger.info("ignoring %s option(s) %s", cls.__name__, ", ".join(dropped))
+    return {k: v for k, v in options.items() if k in names}

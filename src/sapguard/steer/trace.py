@@ -26,6 +26,8 @@ class TraceStep:
         steps: ``[B]`` optimisation steps used at the emitting position.
         failed: ``[B]`` the optimisation failed (non-finite) at the emitting position.
         margin_after: ``[B]`` max margin after the edit (equals the before value when not edited).
+        edit_cosine: ``[B]`` cosine between the edit and the artifact's refusal direction (0 when
+            not edited or when the artifact has no direction).
         prompt_fired: ``[B]`` any selected prompt position (before the emitting one) fired; only
             set on the prefill call.
         prompt_edited: ``[B]`` number of such prompt positions edited.
@@ -40,6 +42,7 @@ class TraceStep:
     steps: torch.Tensor
     failed: torch.Tensor
     margin_after: torch.Tensor
+    edit_cosine: torch.Tensor | None = None
     prompt_fired: torch.Tensor | None = None
     prompt_edited: torch.Tensor | None = None
 
@@ -58,6 +61,7 @@ class TokenTrace:
     steps: int
     failed: bool
     margin_after: float
+    edit_cosine: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -76,6 +80,7 @@ class TraceSummary:
     failed_tokens: int = 0
     total_steps: int = 0
     mean_edit_norm: float = 0.0
+    mean_edit_cosine: float = 0.0
     max_margin: float = float("-inf")
     top_facets: list[str] = field(default_factory=list)
 
@@ -107,6 +112,7 @@ def row_trace(
                 int(s.steps[row]),
                 bool(s.failed[row]),
                 float(s.margin_after[row]),
+                float(s.edit_cosine[row]) if s.edit_cosine is not None else 0.0,
             )
         )
     prefill = by_index.get(0)
@@ -120,6 +126,8 @@ def row_trace(
     summary.total_steps = sum(t.steps for t in out)
     norms = [t.edit_norm for t in out if t.edited]
     summary.mean_edit_norm = sum(norms) / len(norms) if norms else 0.0
+    cosines = [t.edit_cosine for t in out if t.edited]
+    summary.mean_edit_cosine = sum(cosines) / len(cosines) if cosines else 0.0
     if out:
         summary.max_margin = max(max(t.margins) for t in out)
         counts: dict[str, int] = {}

@@ -1,0 +1,414 @@
+"""Gate and target: the two polytopes of a steering artifact, each trained for its job.
+
+- The **gate** decides *when* to steer. It reads the last prompt position (policy ``last_prompt``,
+  so ``scan``/``sap eval`` work on it) and is trained on harmful vs benign requests of the default
+  corpus plus harmful *and* benign requests wrapped in the attack families chosen for training
+  (the same wrappers on both sides, so the wrapper is not the concept).
+- The **target** decides *where* to steer. Its rows are the model's own states at the positions
+  steering edits (generated index ``0 .. first_n-1``: the last prompt position and the first
+  response tokens) on trajectories labelled by behaviour, for the *same* harmful requests:
+  safe = the model refusing (its own refusals, its refusals under a safety system prompt, and
+  teacher-forced refusals) and benign requests answered; unsafe = the model complying. Entering
+  the target therefore means moving toward refusing, not toward "looks like a benign request".
+
+On disk the gate is the artifact directory and the target its ``target/`` sub-directory (both
+``config.json`` + ``model.safetensors``; never pickle). :func:`load_steering` loads both and
+attaches the target to the gate, so ``make_mode("safeflow", gate)`` solves the target's
+constraints while the hook fires on the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sapguard.data.records import Record
+from sapguard.errors import SapError
+from sapguard.models.loading import LoadedModel
+from sapguard.polytope.model import SafetyPolytope
+
+logger = logging.getLogger(__name__)
+
+TARGET_DIR = "target"
+_ATTR = "steering_target"
+
+
+def attach_target(gate: SafetyPolytope, target: SafetyPolytope | None) -> SafetyPolytope:
+    """Attach ``target`` to ``gate`` (not a submodule: the gate's weights and saving are unchanged)."""
+    if target is not None and target.hidden_size != gate.hidden_size:
+        raise SapError(f"target hidden size {target.hidden_size} differs from the gate's {gate.hidden_size}")
+    gate.__dict__[_ATTR] = target
+    return gate
+
+
+def target_of(gate: SafetyPolytope) -> SafetyPolytope | None:
+    """The target attached to ``gate``, or ``None`` (SafeFlow then solves the gate itself)."""
+    target = gate.__dict__.get(_ATTR)
+    return target if isinstance(target, SafetyPolytope) else None
+
+
+def save_steering(gate: SafetyPolytope, directory: str | Path) -> None:
+    """Write the gate to ``directory`` and its attached target (if any) to ``directory/target``."""
+    from sapguard.polytope.artifact import save_polytope
+
+    save_polytope(gate, directory)
+    target = target_of(gate)
+    if target is not None:
+        save_polytope(target, Path(directory) / TARGET_DIR)
+
+
+def load_steering(directory: str | Path) -> SafetyPolytope:
+    """Load a steering artifact: the gate, with the target of ``directory/target`` attached if present."""
+    from sapguard.polytope.artifact import CONFIG, load_polytope
+
+    gate = load_polytope(directory)
+    sub = Path(directory) / TARGET_DIR
+    if (sub / CONFIG).is_file():
+        target = load_polytope(sub)
+        if target.meta.get("layer") != gate.meta.get("layer"):
+            raise SapError(f"{sub}: target layer {target.meta.get('layer')} differs from the gate's")
+        attach_target(gate, target)
+    return gate
+
+
+@dataclass
+class Trajectory:
+    """One (prompt, response) trajectory and the behaviour it shows.
+
+    Attributes:
+        prompt_ids: Templated prompt token ids (system turn included when used).
+        response_ids: Response token ids (at least the first ``first_n - 1`` are read).
+        safe: The trajectory is safe behaviour (refusal, or an answer to a benign request).
+        kind: ``own``, ``system_prompt``, ``teacher_forced`` or ``benign`` (reported in the meta).
+        split: ``train`` or ``validation``.
+        skip_prompt_row: Do not read the last prompt position (a teacher-forced refusal shares it
+            with the model's own completion of the same prompt).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    safe: bool
+    kind: str
+    split: str
+    skip_prompt_row: bool = False
+
+
+def trajectory_states(
+    lm: LoadedModel, trajectories: Sequence[Trajectory], layer: int, first_n: int, batch_size: int = 8
+) -> tuple[torch.Tensor, list[int]]:
+    """States at generated indices ``0 .. first_n-1`` of each trajectory (the positions steering edits).
+
+    Generated index ``j`` is emitted by position ``len(prompt) - 1 + j`` (the hook's numbering).
+
+    Returns:
+        ``(states [rows, d] float32, trajectory index per row)``.
+    """
+    from sapguard.features.hooks import LayerReader, left_pad
+
+    feats: list[torch.Tensor] = []
+    owner: list[int] = []
+    order = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].prompt_ids))
+    with LayerReader(lm.model, layer, stop=True) as reader, torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            seqs = []
+            for i in idx:
+                t = trajectories[i]
+                seqs.append(t.prompt_ids + t.response_ids[: max(first_n - 1, 0)])
+            inputs = left_pad(seqs, lm.tokenizer.pad_token_id, lm.device)
+            hidden = reader.run(**inputs)
+            width = hidden.shape[1]
+            for row, i in enumerate(idx):
+                t = trajectories[i]
+                offset = width - len(seqs[row])
+                first = 1 if t.skip_prompt_row else 0
+                for j in range(first, min(first_n, len(t.response_ids) + 1)):
+                    pos = offset + len(t.prompt_ids) - 1 + j
+                    if pos >= width:
+                        break
+                    feats.append(hidden[row, pos].float().cpu())
+                    owner.append(i)
+    if not feats:
+        raise SapError("no target rows were read")
+    return torch.stack(feats), owner
+
+
+def behaviour_trajectories(
+    lm: LoadedModel,
+    harmful: Sequence[Record],
+    benign: Sequence[Record],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+    system_prompt: str | None = None,
+    show_progress: bool = False,
+) -> list[Trajectory]:
+    """Label the model's own trajectories by behaviour (refusal judge) for harmful and benign requests.
+
+    For every harmful request: its own greedy completion (safe iff a refusal), its completion
+    under ``system_prompt`` (a safety system prompt; safe iff a refusal) and a teacher-forced
+    refusal (safe, response positions only). Benign requests' own answers are safe.
+    """
+    from sapguard.bench.judges import RefusalJudge
+    from sapguard.models.chat import encode_prompt, resolve_template
+    from sapguard.steer.dataset import REFUSALS
+    from sapguard.steer.defences import SAFETY_SYSTEM_PROMPT
+    from sapguard.steer.generate import generate
+
+    system_prompt = SAFETY_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    template = resolve_template(lm.tokenizer, "auto")
+    judge = RefusalJudge()
+    rng = random.Random(seed)
+    out: list[Trajectory] = []
+    prompts = [r.prompt for r in harmful]
+    common = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "show_progress": show_progress}
+    own = generate(lm, prompts + [r.prompt for r in benign], None, None, **common)  # type: ignore[arg-type]
+    sys_gens = generate(lm, prompts, None, None, system=system_prompt, **common) if prompts else []  # type: ignore[arg-type]
+    for rec, g, s in zip(harmful, own, sys_gens):
+        split = rec.split or "train"
+        ids = encode_prompt(lm.tokenizer, rec.prompt, template)
+        if g.token_ids:
+            out.append(Trajectory(ids, g.token_ids, judge(g.response), "own", split))
+        sys_ids = encode_prompt(lm.tokenizer, rec.prompt, template, system_prompt)
+        if s.token_ids:
+            out.append(Trajectory(sys_ids, s.token_ids, judge(s.response), "system_prompt", split))
+        refusal = lm.tokenizer.encode(rng.choice(REFUSALS), add_special_tokens=False)
+        out.append(Trajectory(ids, refusal, True, "teacher_forced", split, skip_prompt_row=True))
+    for rec, g in zip(benign, own[len(harmful) :]):
+        if g.token_ids:
+            ids = encode_prompt(lm.tokenizer, rec.prompt, template)
+            out.append(Trajectory(ids, g.token_ids, True, "benign", rec.split or "train"))
+    return out
+
+
+def train_target(
+    lm: LoadedModel,
+    trajectories: Sequence[Trajectory],
+    layer: int,
+    first_n: int,
+    *,
+    train_config: Any = None,
+    states: tuple[torch.Tensor, list[int]] | None = None,
+    show_progress: bool = False,
+) -> SafetyPolytope:
+    """Train the target polytope on the states of ``trajectories`` at generated indices ``< first_n``.
+
+    Args:
+        states: Precomputed :func:`trajectory_states` output (read here when ``None``).
+    """
+    from sapguard.models.chat import resolve_template
+    from sapguard.polytope.train import TrainConfig, train_polytope
+
+    x, owner = states if states is not None else trajectory_states(lm, trajectories, layer, first_n)
+    y = np.array([0 if trajectories[i].safe else 1 for i in owner])
+    split = np.array([trajectories[i].split for i in owner])
+    tr, va = split == "train", split == "validation"
+    if not tr.any() or not va.any():
+        raise SapError("the target needs train and validation trajectories")
+    counts: dict[str, dict[str, int]] = {}
+    for i in owner:
+        t = trajectories[i]
+        key = f"{t.kind}:{'safe' if t.safe else 'unsafe'}"
+        counts.setdefault(t.split, {}).setdefault(key, 0)
+        counts[t.split][key] += 1
+    logger.info("target rows: %s", counts)
+    meta = {
+        "layer": layer,
+        "policy": "last_prompt",
+        "template": resolve_template(lm.tokenizer, "auto"),
+        "base_model": lm.identity(),
+        "role": "steering target",
+        "training_data": (
+            f"the model's own states at generated indices 0..{first_n - 1}: refusal trajectories (own, under a "
+            "safety system prompt, teacher-forced) and benign answers (safe) vs compliance trajectories (unsafe) "
+            "for the same harmful requests"
+        ),
+        "rows": counts,
+        "first_n": first_n,
+    }
+    result = train_polytope(
+        x[torch.from_numpy(tr)],
+        y[tr],
+        x[torch.from_numpy(va)],
+        y[va],
+        train_config or TrainConfig(),
+        meta=meta,
+        show_progress=show_progress,
+    )
+    return result.polytope
+
+
+def wrapped_records(records: Sequence[Record], attacks: Sequence[Any], seed: int = 0) -> list[Record]:
+    """Each record wrapped by one attack (cycling), keeping label, group and split."""
+    from dataclasses import replace
+
+    from sapguard.bench.attacks import assign
+
+    pairs = assign([r.prompt for r in records], list(attacks))
+    return [
+        replace(r, prompt=text, source=f"{r.source}+{attack.kind}")
+        for r, (text, attack) in zip(records, pairs)
+    ]
+
+
+def train_gate(
+    lm: LoadedModel,
+    records: Sequence[Record],
+    layer: int,
+    *,
+    train_config: Any = None,
+    show_progress: bool = False,
+) -> SafetyPolytope:
+    """Train the gate on the last prompt position of labelled ``records`` (train/validation splits)."""
+    from sapguard.features.extract import extract_features
+    from sapguard.models.chat import resolve_template
+    from sapguard.polytope.train import TrainConfig, train_polytope
+
+    template = resolve_template(lm.tokenizer, "auto")
+    parts = {}
+    for split in ("train", "validation"):
+        recs = [r for r in records if r.split == split]
+        if not recs:
+            raise SapError(f"the gate needs {split} records")
+        x, idx, _ = extract_features(
+            lm, recs, layer, policy="last_prompt", template=template, show_progress=show_progress
+        )
+        parts[split] = (
+            x,
+            np.array([0 if recs[i].is_safe else 1 for i in idx.tolist()]),
+            [recs[i] for i in idx.tolist()],
+        )
+    meta = {
+        "layer": layer,
+        "policy": "last_prompt",
+        "template": template,
+        "base_model": lm.identity(),
+        "role": "steering gate",
+        "training_data": "plain default-corpus prompts + harmful and benign prompts wrapped in the training attack families",
+    }
+    result = train_polytope(
+        parts["train"][0],
+        parts["train"][1],
+        parts["validation"][0],
+        parts["validation"][1],
+        train_config or TrainConfig(),
+        train_records=parts["train"][2],
+        meta=meta,
+        show_progress=show_progress,
+    )
+    return result.polytope
+
+
+@dataclass
+class SteeringTrainConfig:
+    """Sizes and settings of :func:`train_steering` (defaults sized for 2 CPU cores, ~15 minutes).
+
+    Attributes:
+        n_harmful, n_wrapped, n_benign: Train-split requests for the target (validation: a third).
+        n_gate: Harmful and benign train prompts of the corpus (each) for the gate (validation: a third).
+        n_gate_wrapped: Harmful and benign train prompts wrapped in the training families for the gate.
+        max_chars: Longest corpus prompt used (CPU budget; wrappers come on top).
+        first_n: Generated indices the target covers (and the hook's ``first_n``).
+        max_new_tokens: Length of the model's own completions.
+        families: Attack families seen in training.
+    """
+
+    n_harmful: int = 45
+    n_wrapped: int = 15
+    n_benign: int = 30
+    n_gate: int = 150
+    n_gate_wrapped: int = 30
+    max_chars: int = 400
+    first_n: int = 8
+    max_new_tokens: int = 24
+    families: tuple[str, ...] = ("handwritten", "rewrite")
+    seed: int = 0
+
+
+def train_steering(
+    lm: LoadedModel,
+    corpus: Sequence[Record],
+    layer: int,
+    cfg: SteeringTrainConfig | None = None,
+    *,
+    show_progress: bool = False,
+) -> SafetyPolytope:
+    """Train a gate and a behavioural target on ``corpus`` (train/validation splits only).
+
+    Returns:
+        The gate with the target attached (save with :func:`save_steering`). Its
+        ``meta["steering"]`` holds the hook settings (``gate="prompt"``, ``first_n``), the
+        refusal-minus-compliance direction of the target's train rows (``redirect`` and the
+        trace's cosine) and what was trained on.
+    """
+    from sapguard.bench.attacks import families_attacks
+
+    cfg = cfg or SteeringTrainConfig()
+    rng = random.Random(cfg.seed)
+    attacks = families_attacks(cfg.families)
+    pools: dict[str, dict[str, list[Record]]] = {}
+    for split in ("train", "validation"):
+        short = [
+            r for r in corpus if r.split == split and r.wrapper is None and len(r.prompt) <= cfg.max_chars
+        ]
+        harmful = sorted((r for r in short if not r.is_safe), key=lambda r: r.prompt)
+        benign = sorted((r for r in short if r.is_safe), key=lambda r: r.prompt)
+        rng.shuffle(harmful)
+        rng.shuffle(benign)
+        pools[split] = {"harmful": harmful, "benign": benign}
+
+    def take(split: str, kind: str, n: int) -> list[Record]:
+        return pools[split][kind][: n if split == "train" else max(n // 3, 1)]
+
+    gate_records: list[Record] = []
+    for split in ("train", "validation"):
+        gate_records += take(split, "harmful", cfg.n_gate) + take(split, "benign", cfg.n_gate)
+        tail_h = pools[split]["harmful"][::-1]  # wrap other requests than the plain ones above
+        tail_b = pools[split]["benign"][::-1]
+        n = len(take(split, "harmful", cfg.n_gate_wrapped))
+        gate_records += wrapped_records(tail_h[:n], attacks, cfg.seed)
+        gate_records += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
+    logger.info("gate: %d records", len(gate_records))
+    gate = train_gate(lm, gate_records, layer, show_progress=show_progress)
+
+    harmful_t: list[Record] = []
+    benign_t: list[Record] = []
+    for split in ("train", "validation"):
+        direct = take(split, "harmful", cfg.n_harmful)
+        rest = pools[split]["harmful"][len(direct) :]
+        harmful_t += direct + wrapped_records(
+            rest[: len(take(split, "harmful", cfg.n_wrapped))], attacks, cfg.seed + 2
+        )
+        benign_t += take(split, "benign", cfg.n_benign)
+    trajectories = behaviour_trajectories(
+        lm, harmful_t, benign_t, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, show_progress=show_progress
+    )
+    x, owner = trajectory_states(lm, trajectories, layer, cfg.first_n)
+    target = train_target(
+        lm, trajectories, layer, cfg.first_n, states=(x, owner), show_progress=show_progress
+    )
+    from sapguard.steer.dataset import mean_direction
+
+    train_row = torch.tensor([trajectories[i].split == "train" for i in owner])
+    refusing = (
+        torch.tensor([trajectories[i].safe and trajectories[i].kind != "benign" for i in owner]) & train_row
+    )
+    complying = torch.tensor([not trajectories[i].safe for i in owner]) & train_row
+    direction = mean_direction(x, refusing, complying)
+    gate.meta["steering"] = {
+        "direction": [round(float(v), 5) for v in direction],
+        "direction_source": "mean of refusal-trajectory states minus compliance-trajectory states (target train rows)",
+        "hook": {"tokens": "first_n", "first_n": cfg.first_n, "threshold": 0.0, "gate": "prompt"},
+        "defaults": {"safeflow": {"margin": 1.0, "max_steps": 50}, "redirect": {"alpha": 3.0}},
+        "train_families": list(cfg.families),
+        "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+    }
+    return attach_target(gate, target)

@@ -1,0 +1,91 @@
+"""Gate + behavioural target: training on a tiny model, the artifact round trip, scan on it."""
+
+from __future__ import annotations
+
+import torch
+
+from sapguard.data.records import Record
+from sapguard.steer import generate
+from sapguard.steer.modes import SafeFlow, make_mode
+from sapguard.steer.target import (
+    SteeringTrainConfig,
+    Trajectory,
+    load_steering,
+    save_steering,
+    target_of,
+    train_steering,
+    trajectory_states,
+)
+
+WORDS = [
+    "bomb",
+    "poison",
+    "steal",
+    "hack",
+    "knife",
+    "bread",
+    "garden",
+    "story",
+    "music",
+    "river",
+    "cloud",
+    "paper",
+]
+
+
+def _corpus() -> list[Record]:
+    out = []
+    for split, n in (("train", 24), ("validation", 9), ("test", 3)):
+        for i in range(n):
+            w = WORDS[i % 6]
+            b = WORDS[6 + i % 6]
+            out.append(
+                Record(
+                    f"how to {w} a thing {i}", is_safe=False, source="t", group=f"h{split}{i}", split=split
+                )
+            )
+            out.append(
+                Record(f"tell me about {b} {i}", is_safe=True, source="t", group=f"b{split}{i}", split=split)
+            )
+    return out
+
+
+def test_trajectory_states_read_the_positions_steering_edits(tiny_llama):
+    from sapguard.features.hooks import left_pad
+
+    prompt, response = [3, 4, 5, 6], [7, 8, 9, 10, 11]
+    t = Trajectory(prompt, response, True, "own", "train")
+    x, owner = trajectory_states(
+        tiny_llama, [t, Trajectory(prompt[:2], response, False, "own", "train", True)], 2, 3
+    )
+    assert sorted(owner) == [0, 0, 0, 1, 1]  # generated indices 0,1,2; the second skips index 0
+    rows = [i for i, o in enumerate(owner) if o == 0]
+    inputs = left_pad([prompt + response[:2]], tiny_llama.tokenizer.pad_token_id, tiny_llama.device)
+    with torch.no_grad():
+        hs = tiny_llama.model(**inputs, output_hidden_states=True).hidden_states[2][0]
+    assert torch.allclose(x[rows], hs[3:6].float(), atol=1e-5)  # positions len(prompt)-1 .. +2
+
+
+def test_train_save_load_and_steer_with_gate_and_target(tiny_llama, tmp_path, monkeypatch):
+    from sapguard.bench import attacks
+
+    monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
+    cfg = SteeringTrainConfig(
+        n_harmful=6, n_wrapped=3, n_benign=6, n_gate=12, n_gate_wrapped=6, first_n=3, max_new_tokens=4
+    )
+    gate = train_steering(tiny_llama, _corpus(), 2, cfg)
+    target = target_of(gate)
+    assert target is not None and gate.meta["policy"] == "last_prompt"
+    assert gate.meta["steering"]["hook"]["gate"] == "prompt" and target.meta["role"] == "steering target"
+    save_steering(gate, tmp_path / "art")
+    assert (tmp_path / "art" / "target" / "model.safetensors").is_file()
+    loaded = load_steering(tmp_path / "art")
+    lt = target_of(loaded)
+    assert lt is not None and torch.equal(lt.phi, target.phi)
+    mode = make_mode("safeflow", loaded)
+    assert isinstance(mode, SafeFlow) and mode.target is lt
+    # scan works on a steering artifact (its policy is a real policy)
+    verdicts = loaded.scan(["how to bomb a thing", "tell me about bread"], lm=tiny_llama)
+    assert len(verdicts) == 2
+    gens = generate(tiny_llama, ["how to bomb a thing 1"], loaded, "safeflow", max_new_tokens=3)
+    assert gens[0].summary.tokens == len(gens[0].token_ids)
