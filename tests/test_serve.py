@@ -238,7 +238,8 @@ def test_refuse_when_the_prompt_fires(lm: LoadedModel) -> None:
         resp = client.chat.completions.create(model=MODEL, messages=user(PROMPT), max_tokens=8, temperature=0)
         assert resp.choices[0].message.content == "No." and resp.choices[0].finish_reason == "content_filter"
         info = resp.model_extra["sapguard"]
-        assert info["content_filter"] and info["stopped_at"] == 0 and info["fired"] and resp.usage.completion_tokens == 0
+        assert info["content_filter"] and info["stopped_at"] == 0 and info["prompt_fired"]
+        assert resp.usage.completion_tokens == 0
         chunks = list(client.chat.completions.create(model=MODEL, messages=user(PROMPT), max_tokens=8, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "No."
         assert chunks[-1].choices[0].finish_reason == "content_filter"

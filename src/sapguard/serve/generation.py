@@ -211,15 +211,17 @@ class Decoder:
         fired = bool(trace.fired[row])
         job.max_margin = max(job.max_margin, float(margins.max()))
         job.edited += int(bool(trace.edited[row]))
-        if step == 0 and trace.prompt_fired is not None and bool(trace.prompt_fired[row]):
-            job.prompt_fired = True
+        if step == 0:  # the prefill: earlier prompt positions, then the last one (which emits token 0)
+            earlier = trace.prompt_fired is not None and bool(trace.prompt_fired[row])
+            job.prompt_fired = earlier or fired
             job.edited += int(trace.prompt_edited[row]) if trace.prompt_edited is not None else 0
         if fired:
             for k in (margins > threshold).nonzero().flatten().tolist():
                 name = self.names[k]
                 job.facet_counts[name] = job.facet_counts.get(name, 0) + 1
                 self.on_facet(name)
-        stop_here = job.mode == "refuse" and ((fired and bool(trace.steered[row])) or (step == 0 and job.prompt_fired))
+        earlier_prompt = step == 0 and trace.prompt_fired is not None and bool(trace.prompt_fired[row])
+        stop_here = job.mode == "refuse" and ((fired and bool(trace.steered[row])) or earlier_prompt)
         if stop_here:
             if not job.released:
                 job.emit(TextDelta(self.refusal_text, 0))
