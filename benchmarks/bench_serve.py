@@ -132,7 +132,7 @@ async def run_load(
 
     started = time.perf_counter()
     tasks = [asyncio.ensure_future(client(c)) for c in range(clients)]
-    done, pending = await asyncio.wait(tasks, timeout=time_limit)
+    _, pending = await asyncio.wait(tasks, timeout=time_limit)
     for task in pending:
         task.cancel()
     seconds = time.perf_counter() - started
@@ -169,7 +169,7 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 def default_polytope_dir(tmp: Path) -> tuple[str, str]:
     """The shipped default polytope, else a random one of the default training shape."""
-    import sapguard.detect as detect
+    from sapguard import detect
 
     finder = getattr(detect, "default_polytope", None)
     if finder is not None:
@@ -223,7 +223,7 @@ def machine() -> dict[str, Any]:
         pass
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "loadavg_start": os.getloadavg()[0]}

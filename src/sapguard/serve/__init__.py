@@ -4,12 +4,14 @@ Needs the ``serve`` extra (``pip install 'sapguard[serve]'``): FastAPI, uvicorn,
 The core library never imports this package.
 """
 
+from typing import Any
+
 from sapguard.serve.config import ServeConfig
 
 __all__ = ["ServeConfig", "build_state", "create_app", "run_server"]
 
 
-def __getattr__(name: str):  # heavy imports only when used
+def __getattr__(name: str) -> Any:  # heavy imports only when used
     if name in ("build_state", "run_server"):
         from sapguard.serve import server
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sapguard.detect import Verdict
-from sapguard.models.chat import encode_prompt, resolve_template
+from sapguard.models.chat import encode_prompt
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.serve.auth import KeyChecker
@@ -178,7 +178,8 @@ class Gate:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: only http.disconnect
+            message: dict[str, Any] = await receive()  # after the body: only http.disconnect
+            return message
 
         return replay
 
@@ -376,7 +377,7 @@ def submit(state: ServerState, job: ChatJob | ModerationJob) -> None:
 
 def validation_message(errors: Any) -> tuple[str, str | None]:
     """One readable line (and the offending parameter) from pydantic's errors."""
-    err = list(errors)[0]
+    err = next(iter(errors))
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     kind = err.get("type", "")
@@ -448,7 +449,9 @@ async def next_event(job: ChatJob, events: asyncio.Queue[Event]) -> Event:
         return Failed(504, "the request timed out", "timeout")
 
 
-async def wait_final(state: ServerState, job: ChatJob, events: asyncio.Queue[Event], request: Request) -> Event:
+async def wait_final(
+    state: ServerState, job: ChatJob, events: asyncio.Queue[Event], request: Request
+) -> Finished | Failed:
     """Wait for a non-streaming job's last event; a client that disconnects cancels its job."""
     waiter = asyncio.ensure_future(_final(job, events))
     try:
@@ -465,7 +468,7 @@ async def wait_final(state: ServerState, job: ChatJob, events: asyncio.Queue[Eve
         job.cancel()  # no-op once done; frees the slot otherwise
 
 
-async def _final(job: ChatJob, events: asyncio.Queue[Event]) -> Event:
+async def _final(job: ChatJob, events: asyncio.Queue[Event]) -> Finished | Failed:
     while True:
         event = await next_event(job, events)
         if isinstance(event, (Finished, Failed)):

@@ -116,7 +116,10 @@ class Scheduler:
             if self.queued >= self.max_queue:
                 waves = (self.queued + self._running) / self.max_batch_size + 1
                 raise QueueFull(max(1, math.ceil(self._batch_seconds * waves)))
-            (self._chat if isinstance(job, ChatJob) else self._moderation).append(job)
+            if isinstance(job, ChatJob):
+                self._chat.append(job)
+            else:
+                self._moderation.append(job)
             self._cv.notify()
 
     def close(self, timeout: float | None = None) -> None:

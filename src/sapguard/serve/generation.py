@@ -155,7 +155,7 @@ class Decoder:
             inputs["attention_mask"][0, 0] = 0
         attn = inputs["attention_mask"]
         positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-        rows = list(jobs)  # batch row -> job; None once the row is done
+        rows: list[ChatJob | None] = list(jobs)  # batch row -> job; None once the row is done
         pad = self.lm.tokenizer.pad_token_id
         with steer(model, self.poly, self.modes[mode], **self.hook_options) as hook:
             # The default gate decides per position and keeps no per-row state, so finished rows can
@@ -172,12 +172,13 @@ class Decoder:
                 hook.trace.clear()
                 logits = out.logits[:, -1, :].float()
                 next_tokens: list[int] = []
-                for row, job in enumerate(rows):
-                    token = None if job is None else self._advance(job, row, step_index, trace, logits[row], hook.threshold)
+                for row, entry in enumerate(rows):
+                    token = None if entry is None else self._advance(entry, row, step_index, trace, logits[row],
+                                                                      hook.threshold)
                     if token is None:
                         rows[row] = None
                     next_tokens.append(pad if token is None else token)
-                live = [i for i, job in enumerate(rows) if job is not None]
+                live = [i for i, entry in enumerate(rows) if entry is not None]
                 if not live:
                     return
                 if prune and len(live) < len(rows):
@@ -188,7 +189,7 @@ class Decoder:
                     next_tokens = [next_tokens[i] for i in live]
                 if between_steps is not None:
                     between_steps(hook)
-                alive = torch.tensor([job is not None for job in rows], device=device, dtype=attn.dtype)
+                alive = torch.tensor([entry is not None for entry in rows], device=device, dtype=attn.dtype)
                 attn = torch.cat([attn, alive[:, None]], dim=1)
                 positions = positions[:, -1:] + 1
                 out = model(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -34,7 +34,7 @@ def load_polytope_for(config: ServeConfig) -> tuple[SafetyPolytope, str]:
     """The polytope named in ``config`` (or the shipped default) and a label for it."""
     if config.polytope is not None:
         return load_polytope(config.polytope), str(config.polytope)
-    import sapguard.detect as detect
+    from sapguard import detect
 
     finder = getattr(detect, "default_polytope", None)
     if finder is None:
@@ -137,7 +137,7 @@ def make_server(state: ServerState, on_ready: Callable[[], None] | None = None) 
     """A uvicorn server for ``state`` (quiet: sapguard logs its own access lines)."""
     cfg = uvicorn.Config(
         create_app(state), log_level="warning", access_log=False, lifespan="on", server_header=False,
-        timeout_graceful_shutdown=state.config.graceful_timeout, log_config=None,
+        timeout_graceful_shutdown=math.ceil(state.config.graceful_timeout), log_config=None,
     )
     return DrainingServer(cfg, state, on_ready)
 
