@@ -81,7 +81,9 @@ def run_demo(out: str | Path = "runs/demo", *, show_progress: bool = False, echo
     start = time.perf_counter()
     steering = steering_examples(lm, poly)
     timings["steer"] = time.perf_counter() - start
-    say(f"[6/6] steering with the detection polytope as the gate (last prompt token):\n\n{steering_markdown(steering)}\n")
+    say(f"[6/6] steering ({steering[0]['steering']}):\n\n{steering_markdown(steering)}\n")
+    if steering_bench_table():
+        say(f"committed bench of the steering artifact:\n\n{steering_bench_table()}")
 
     metrics["timings_s"] = timings
     metrics["detections"] = [v.to_json() for v in verdicts]
@@ -96,15 +98,36 @@ def run_demo(out: str | Path = "runs/demo", *, show_progress: bool = False, echo
     return {"out": str(out), "timings_s": timings, "test": metrics["detectors"], "facet_names": poly.facet_names}
 
 
-def steering_examples(lm: Any, poly: Any, max_new_tokens: int = 40) -> list[dict[str, str]]:
-    """The same prompts answered by the base model and under ``safeflow`` and ``refuse`` (greedy)."""
-    from sapguard.steer.generate import generate
+STEERING_ASSET = Path(__file__).parent / "assets" / "steering"
+"""A small steering artifact for the default model (gate + behavioural target, layer 20), made by
+``sap steer-train --out src/sapguard/assets/steering``, with its bench table in ``BENCH.md``."""
 
+
+def steering_examples(lm: Any, poly: Any, max_new_tokens: int = 40) -> list[dict[str, str]]:
+    """The same prompts answered by the base model and under ``safeflow`` and ``refuse`` (greedy).
+
+    Uses the shipped steering artifact (gate + behavioural target) when it fits ``lm``; otherwise
+    the detection polytope gates the last prompt token and SafeFlow solves its facets.
+    """
+    from sapguard.errors import SapError
+    from sapguard.polytope.artifact import check_compatible
+    from sapguard.steer.generate import generate
+    from sapguard.steer.target import load_steering
+
+    settings: dict[str, Any] = {"tokens": "first_n", "first_n": 1}
+    source = "detection polytope"
+    if (STEERING_ASSET / "config.json").is_file():
+        try:
+            steering = load_steering(STEERING_ASSET)
+            check_compatible(steering, lm.identity())
+            poly, settings, source = steering, {}, "shipped steering artifact"
+        except SapError as err:
+            logger.warning("shipped steering artifact not used: %s", err)
     rows = []
     for mode in (None, "safeflow", "refuse"):
-        gens = generate(lm, list(STEER_PROMPTS), poly, mode=mode, tokens="first_n", first_n=1, max_new_tokens=max_new_tokens)
+        gens = generate(lm, list(STEER_PROMPTS), poly, mode=mode, max_new_tokens=max_new_tokens, **settings)
         for prompt, gen in zip(STEER_PROMPTS, gens):
-            rows.append({"prompt": prompt, "mode": mode or "base", "response": gen.response})
+            rows.append({"prompt": prompt, "mode": mode or "base", "response": gen.response, "steering": source})
     return rows
 
 
@@ -116,17 +139,27 @@ def steering_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def steering_section(rows: list[dict[str, str]]) -> str:
-    return f"""
-## Steering (greedy, 40 new tokens)
+def steering_bench_table() -> str:
+    """The committed bench table of the shipped steering artifact (empty when absent)."""
+    path = STEERING_ASSET / "BENCH.md"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
-The detection polytope gates the last prompt token (the position that emits the first answer token).
-`safeflow` makes the minimal edit that satisfies every facet; `refuse` answers with a fixed refusal when
-the polytope fires. A steering polytope trained on generation-time states (`sap steer-train`) and the
-attack/over-refusal/utility benchmark (`sap bench --quick`) are described in the README; their measured
-results are in `benchmarks/RESULTS.md`.
+
+def steering_section(rows: list[dict[str, str]]) -> str:
+    source = rows[0].get("steering", "detection polytope") if rows else "detection polytope"
+    return f"""
+## Steering (greedy, 40 new tokens; {source})
+
+The gate decides at the last prompt token (the position that emits the first answer token) whether
+to steer; `safeflow` then makes the minimal edit that puts the first generated positions inside the
+behavioural target (the model's own refusal states versus its compliance states); `refuse` answers
+with a fixed refusal. How the artifact was made and benchmarked: docs/STEERING.md.
 
 {steering_markdown(rows)}
+
+### Bench of the shipped artifact (committed results, not re-run here)
+
+{steering_bench_table() or "(no committed bench table)"}
 """
 
 

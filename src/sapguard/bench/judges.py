@@ -354,14 +354,13 @@ class CausalLMGuardJudge:
         has_template = getattr(tok, "chat_template", None) is not None
         if self.use_chat_template and has_template:
             turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return list(tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=True))
+            rendered = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return list(tok.encode(rendered, add_special_tokens=False))
         text = self.prompt.format(prompt=prompt, response=response)
         if has_template:
-            return list(
-                tok.apply_chat_template(
-                    [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
-                )
-            )
+            turns = [{"role": "user", "content": text}]
+            rendered = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return list(tok.encode(rendered, add_special_tokens=False))
         return list(tok.encode(text))
 
     @torch.no_grad()

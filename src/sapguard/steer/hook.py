@@ -22,7 +22,8 @@ and no-cache generation edit the same positions.
 Gate scope: with ``gate="position"`` the polytope decides at every selected position; with
 ``gate="prompt"`` it decides once per row at the last prompt position (generated index 0) and the
 row's selected positions are then handed to the mode, which edits only states outside its own
-target (SafeFlow with a behavioural target: the gate says *when*, the target says *where*). A position is edited only when the polytope fires there (for gated modes): if nothing
+target (SafeFlow with a behavioural target: the gate says *when*, the target says *where*). The
+trace's ``fired`` is then the row's decision at every position. A position is edited only when the polytope fires there (for gated modes): if nothing
 fires in a call, the block's output object is returned untouched, so the model's outputs are
 bit-identical to the unsteered model's.
 """
@@ -278,7 +279,7 @@ class SteeringHook:
             width,
             gen_last,
             margins,
-            fired,
+            gate_ok if self.gate == "prompt" else fired,
             selected[rows, cols],
             edit,
             h,
