@@ -11,7 +11,8 @@ benchmark stops by itself. Phases:
 2. a server with batching (``--max-batch-size 32``): moderation at 1/8/32 clients, one 50-token prompt
    per request; chat completions at 1/8/32 clients (greedy, ``max_tokens`` fixed, mode ``detect``:
    the hook reads every token, nothing stops early);
-3. a server that serves one request at a time (``--max-batch-size 1``): chat at 32 clients.
+3. a server that serves one request at a time (``--max-batch-size 1``): chat at 32 clients, one
+   request each (its throughput does not depend on the number of clients).
 
 Without ``--polytope`` it uses the shipped default polytope when sapguard has one, else a random
 polytope of the default training shape (16 facets, MLP width 1024, layer 22) for the default model:
@@ -99,8 +100,14 @@ class Connection:
             self.writer = None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux), so results can be read apart from other load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_load(
-    port: int, clients: int, per_client: int, make: Any, path: str, time_limit: float
+    port: int, clients: int, per_client: int, make: Any, path: str, time_limit: float, pid: int
 ) -> dict[str, Any]:
     """``clients`` concurrent clients, ``per_client`` requests each; stops at ``time_limit`` seconds."""
     latencies: list[float] = []
@@ -131,19 +138,23 @@ async def run_load(
             conn.close()
 
     started = time.perf_counter()
+    cpu0 = cpu_seconds(pid)
     tasks = [asyncio.ensure_future(client(c)) for c in range(clients)]
     _, pending = await asyncio.wait(tasks, timeout=time_limit)
     for task in pending:
         task.cancel()
     seconds = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu0
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0]] * 99 if latencies else [0] * 99
     return {
         "clients": clients, "requests": len(latencies), "planned": clients * per_client, "seconds": round(seconds, 3),
         "requests_per_s": round(len(latencies) / seconds, 3), "items_per_s": round(items / seconds, 3),
         "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2),
+        "server_cpu_s": round(cpu, 2), "tokens_per_cpu_s": round(tokens / cpu, 2) if cpu else None,
+        "items_per_cpu_s": round(items / cpu, 2) if cpu else None,
         "p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
-        "errors": len(errors) + sum(1 for t in pending), "error_kinds": sorted(set(errors)),
-        "timed_out": bool(pending),
+        "errors": len(errors), "error_kinds": sorted(set(errors)),
+        "cut_off_clients": len(pending),
     }
 
 
@@ -198,17 +209,19 @@ def scan_baseline(polytope: str, prompts: list[str], repeats: int) -> dict[str, 
     poly = load_polytope(polytope)
     lm = base_model_for(poly)
     scan(poly, prompts[:32], lm=lm)  # warm-up
-    rates = []
+    rates, cpu_rates = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         scan(poly, prompts, lm=lm, batch_size=32)
         rates.append(len(prompts) / (time.perf_counter() - t0))
+        cpu_rates.append(len(prompts) / (time.process_time() - c0))
     one = []
     for p in prompts[:20]:
         t0 = time.perf_counter()
         scan(poly, [p], lm=lm)
         one.append(time.perf_counter() - t0)
     return {"prompts": len(prompts), "prompts_per_s": round(statistics.median(rates), 2),
+            "prompts_per_cpu_s": round(statistics.median(cpu_rates), 2),
             "single_prompt_p50_ms": round(statistics.median(one) * 1000, 1)}
 
 
@@ -265,30 +278,34 @@ def main() -> None:
         try:
             for c in clients:
                 print(f"moderation, {c} clients ...", flush=True)
-                per = max(1, args.moderation_requests // c) if c > 1 else 64
+                per = max(1, args.moderation_requests // c) if c > 1 else args.moderation_requests // 4
                 results[f"moderation_{c}"] = asyncio.run(run_load(port, c, per, moderation, "/v1/moderations",
-                                                                  args.time_limit))
+                                                                  args.time_limit, proc.pid))
             for c in clients:
                 print(f"chat, {c} clients ...", flush=True)
-                per = args.chat_requests if c > 1 else 4
+                per = args.chat_requests if c > 1 else 2 * args.chat_requests
                 results[f"chat_{c}"] = asyncio.run(run_load(port, c, per, chat, "/v1/chat/completions",
-                                                            args.time_limit))
+                                                            args.time_limit, proc.pid))
         finally:
             stop_server(proc)
         top = max(clients)
         proc, port = start_server(polytope, "--max-batch-size", "1", "--max-queue", "512")
         try:
             print(f"chat one at a time, {top} clients ...", flush=True)
-            results[f"chat_{top}_unbatched"] = asyncio.run(run_load(port, top, args.chat_requests, chat,
-                                                                    "/v1/chat/completions", args.time_limit))
+            results[f"chat_{top}_unbatched"] = asyncio.run(run_load(port, top, 1, chat, "/v1/chat/completions",
+                                                                    args.time_limit, proc.pid))
         finally:
             stop_server(proc)
     info["loadavg_end"] = os.getloadavg()[0]
     ratios = {
         "chat_tokens_per_s_batched_vs_one_at_a_time": round(
             results[f"chat_{top}"]["tokens_per_s"] / results[f"chat_{top}_unbatched"]["tokens_per_s"], 2),
+        "chat_tokens_per_cpu_s_batched_vs_one_at_a_time": round(
+            results[f"chat_{top}"]["tokens_per_cpu_s"] / results[f"chat_{top}_unbatched"]["tokens_per_cpu_s"], 2),
         "moderation_prompts_per_s_vs_scan": round(
             results[f"moderation_{top}"]["items_per_s"] / results["scan"]["prompts_per_s"], 2),
+        "moderation_prompts_per_cpu_s_vs_scan": round(
+            results[f"moderation_{top}"]["items_per_cpu_s"] / results["scan"]["prompts_per_cpu_s"], 2),
         "moderation_p50_ms_1_client": results["moderation_1"]["p50_ms"] if 1 in clients else None,
     }
     results["ratios"] = ratios
@@ -298,12 +315,13 @@ def main() -> None:
 
 
 def markdown(results: dict[str, Any], clients: list[int]) -> str:
-    rows = ["| phase | clients | requests | req/s | gen tok/s | p50 ms | p95 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| phase | clients | requests | req/s | gen tok/s | tok or prompts / server CPU-s | p50 ms | p95 ms | "
+            "p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         if isinstance(r, dict) and "clients" in r:
             rows.append(f"| {key.rsplit('_', 1)[0] if key[-1].isdigit() else key} | {r['clients']} | {r['requests']} | "
-                        f"{r['requests_per_s']} | {r['tokens_per_s'] if r['tokens'] else '-'} | {r['p50_ms']} | "
+                        f"{r['requests_per_s']} | {r['tokens_per_s'] if r['tokens'] else '-'} | "
+                        f"{r['tokens_per_cpu_s'] if r['tokens'] else r['items_per_cpu_s']} | {r['p50_ms']} | "
                         f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} |")
     return "\n".join(rows)
 

@@ -567,3 +567,15 @@ def test_config_file_and_validation(tmp_path: Any) -> None:
         ServeConfig(mode="loud")
     with pytest.raises(ValueError, match="max_queue"):
         ServeConfig(max_queue=0)
+
+
+def test_serves_the_shipped_default_polytope_without_polytope(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sapguard.detect as detect
+
+    poly = tiny_polytope(lm, offset=NEVER)
+    monkeypatch.setattr(detect, "default_polytope", lambda: poly, raising=False)
+    state = build_state(ServeConfig(), lm=lm)
+    assert state.poly is poly and state.polytope_label == "default"
+    monkeypatch.delattr(detect, "default_polytope")
+    with pytest.raises(ValueError, match="no --polytope given"):
+        build_state(ServeConfig(), lm=lm)
