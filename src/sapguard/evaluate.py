@@ -64,6 +64,131 @@ def per_source(records: Sequence[Record], labels: np.ndarray, pred: np.ndarray) 
     return out
 
 
+def recall_at_fpr(benign_scores: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """Share of ``scores`` above the threshold that flags ``fpr`` of ``benign_scores``.
+
+    Used both for recall (``scores`` of unsafe rows) and for the flag rate of other benign rows.
+    """
+    if len(scores) == 0 or len(benign_scores) == 0:
+        return float("nan")
+    threshold = np.quantile(benign_scores, 1 - fpr, method="higher")
+    return float((scores > threshold).mean())
+
+
+def generalisation_folds(records: Sequence[Record], min_unsafe: int = 20) -> dict[str, np.ndarray]:
+    """Held-out groups for leave-one-out evaluation: row indices per fold.
+
+    ``source:<name>`` holds out every row of one source that has unsafe rows (its plain rows and
+    every wrapped version of them); ``wrapper:<family>`` holds out every row made with one wrapper
+    family (harmful and benign alike). Folds with fewer than ``min_unsafe`` unsafe rows are left out.
+    """
+    from sapguard.data.augment import wrapper_family
+
+    folds: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        folds[f"source:{r.source}"].append(i)
+        family = wrapper_family(r)
+        if family is not None:
+            folds[f"wrapper:{family}"].append(i)
+    out = {}
+    for name in sorted(folds):
+        idx = np.array(folds[name])
+        if sum(not records[i].is_safe for i in idx) >= min_unsafe:
+            out[name] = idx
+    return out
+
+
+def leave_one_out(
+    x: torch.Tensor,
+    y: np.ndarray,
+    records: Sequence[Record],
+    cfg: Any = None,
+    *,
+    report: str = "test",
+    fprs: Sequence[float] = (0.01, 0.05),
+    folds: dict[str, np.ndarray] | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Generalisation to what training never saw: one polytope per held-out source or wrapper family.
+
+    For each fold of :func:`generalisation_folds`, a polytope is trained on the *train* rows
+    outside the fold, early-stopped and calibrated on the *validation* rows outside the fold
+    (thresholds for each false-positive rate in ``fprs`` on their benign rows), and scored on the
+    fold's rows: those in the test split (``report="test"``), or those in train and validation
+    (``report="validation"``, for model selection; the test split is then never read).
+
+    Returns:
+        ``{"folds": {name: {n, n_unsafe, recall@1%, recall@5%, benign_flag_rate@...}}, "summary": ...}``;
+        a fold's ``benign_flag_rate`` is the share of its benign rows flagged (wrapped benign
+        requests for a wrapper fold).
+    """
+    from tqdm.auto import tqdm
+
+    from sapguard.polytope.train import TrainConfig, raw_scores, train_polytope
+
+    if report not in ("test", "validation"):
+        raise ValueError(f"report must be 'test' or 'validation', got {report!r}")
+    cfg = cfg or TrainConfig()
+    split = np.array([r.split for r in records])
+    in_report = split == "test" if report == "test" else np.isin(split, ["train", "validation"])
+    folds = generalisation_folds(records) if folds is None else folds
+    out: dict[str, Any] = {}
+    for name, idx in tqdm(folds.items(), desc="leave-one-out", disable=not show_progress):
+        held = np.zeros(len(records), dtype=bool)
+        held[idx] = True
+        tr, va = (split == "train") & ~held, (split == "validation") & ~held
+        target = held & in_report
+        if not target.any() or not (tr & (y == 1)).any():
+            continue
+        poly = train_polytope(x[tr], y[tr], x[va], y[va], cfg).polytope
+        benign_val = raw_scores(poly, x[va & (y == 0)])
+        scores = raw_scores(poly, x[target])
+        labels = y[target]
+        row: dict[str, Any] = {"n": int(target.sum()), "n_unsafe": int(labels.sum()), "trained_on_rows": int(tr.sum())}
+        for fpr in fprs:
+            tag = f"{round(fpr * 100)}%"
+            row[f"recall@{tag}"] = recall_at_fpr(benign_val, scores[labels == 1], fpr)
+            row[f"benign_flag_rate@{tag}"] = recall_at_fpr(benign_val, scores[labels == 0], fpr)
+        both = len(set(labels.tolist())) == 2
+        row["auroc"] = float(roc_auc_score(labels, scores)) if both else float("nan")
+        out[name] = row
+    summary = {}
+    for fpr in fprs:
+        tag = f"recall@{round(fpr * 100)}%"
+        values = [r[tag] for r in out.values() if r["n_unsafe"] and not np.isnan(r[tag])]
+        summary[f"mean_{tag}"] = float(np.mean(values)) if values else float("nan")
+        summary[f"min_{tag}"] = float(np.min(values)) if values else float("nan")
+    return {"report_split": report, "target_fprs": list(fprs), "folds": out, "summary": summary}
+
+
+def operating_points(
+    scores_val: np.ndarray, y_val: np.ndarray, scores: np.ndarray, y: np.ndarray, records: Sequence[Record],
+    fprs: Sequence[float] = (0.01, 0.05),
+) -> dict[str, Any]:
+    """Per source (and per wrapper family), recall or benign flag rate at validation-calibrated thresholds.
+
+    Thresholds flag ``fpr`` of the validation benign rows; rates are measured on ``scores``.
+    """
+    from sapguard.data.augment import wrapper_family
+
+    out: dict[str, Any] = {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[f"source:{r.source}"].append(i)
+        family = wrapper_family(r)
+        groups[f"wrapper:{family or 'none'}"].append(i)
+    benign_val = scores_val[y_val == 0]
+    for name in sorted(groups):
+        idx = np.array(groups[name])
+        row: dict[str, Any] = {"n": len(idx), "n_unsafe": int(y[idx].sum())}
+        for fpr in fprs:
+            tag = f"{round(fpr * 100)}%"
+            row[f"recall@{tag}"] = recall_at_fpr(benign_val, scores[idx][y[idx] == 1], fpr)
+            row[f"benign_flag_rate@{tag}"] = recall_at_fpr(benign_val, scores[idx][y[idx] == 0], fpr)
+        out[name] = row
+    return out
+
+
 def evaluate(
     poly: SafetyPolytope,
     features: FeatureSet,

@@ -172,7 +172,10 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def detect(
         texts: Optional[list[str]] = typer.Argument(None, help="Texts to scan (or use --input / stdin)."),
-        polytope: Path = typer.Option(..., "--polytope", "-p"),
+        polytope: str = typer.Option(
+            "default", "--polytope", "-p", help="An artifact directory, or 'default' for the shipped detector."
+        ),
+        window: int = typer.Option(1024, "--window", help="Longer texts are read in overlapping windows of this many tokens."),
         input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
         device: str = DEVICE_OPTION,
         dtype: str = DTYPE_OPTION,
@@ -182,12 +185,12 @@ def register(app: typer.Typer) -> None:
         """Scan texts: verdict, risk score and violated facets per text (base model loaded from the artifact)."""
         setup_logging(verbose)
         from sapguard.detect import base_model_for, scan
-        from sapguard.polytope.artifact import load_polytope
+        from sapguard.polytope.artifact import load_polytope_spec
 
         items = gather_texts(texts, input_file)
-        poly = load_polytope(polytope)
+        poly = load_polytope_spec(polytope)
         lm = base_model_for(poly, device=device, dtype=dtype)
-        verdicts = scan(poly, items, lm=lm)
+        verdicts = scan(poly, items, lm=lm, window=window)
         if json_out:
             emit_json([v.to_json() for v in verdicts])
         else:

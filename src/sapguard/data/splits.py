@@ -28,7 +28,7 @@ from sapguard.errors import SapError
 
 log = logging.getLogger(__name__)
 
-JACCARD_THRESHOLD = 0.8
+JACCARD_THRESHOLD = 0.5
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being

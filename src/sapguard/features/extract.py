@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from sapguard.data.records import Record, write_jsonl
 from sapguard.errors import ArtifactMismatchError, SapError
 from sapguard.features.hooks import LayerReader, left_pad
-from sapguard.features.policies import check_policy, read_positions
+from sapguard.features.policies import POOLED, check_policy, read_positions
 from sapguard.features.store import FORMAT_VERSION, MANIFEST, RECORDS, FeatureSet, load_features
 from sapguard.io import atomic_tmp_path, sha256_file, write_json
-from sapguard.models.chat import encode_pair, resolve_template
+from sapguard.models.chat import encode_pair, header_length, resolve_template
 from sapguard.models.layers import find_decoder_blocks, resolve_layer
 from sapguard.models.loading import LoadedModel
 
@@ -48,11 +48,12 @@ def encode_records(
 ) -> list[Encoded]:
     """Tokenise records under the template; keep the last ``max_length`` tokens of long ones."""
     out, truncated = [], 0
+    header = header_length(lm.tokenizer, template) if policy in POOLED else 0
     for i, record in enumerate(records):
         if not record.prompt.strip():
             raise SapError(f"record {i + 1}: empty or whitespace-only prompt")
         ids, n_prompt = encode_pair(lm.tokenizer, record.prompt, record.response, template)
-        positions = read_positions(policy, len(ids), n_prompt)
+        positions = read_positions(policy, len(ids), n_prompt, header)
         if len(ids) > max_length:
             cut = len(ids) - max_length
             ids = ids[cut:]
@@ -82,11 +83,24 @@ def length_sorted_batches(encoded: list[Encoded], batch_size: int, max_batch_tok
 
 
 @torch.inference_mode()
-def run_batch(reader: LayerReader, lm: LoadedModel, batch: list[Encoded]) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Forward one batch; return feature rows (float32, CPU), their record indices and positions."""
+def run_batch(
+    reader: LayerReader, lm: LoadedModel, batch: list[Encoded], pooled: bool = False
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Forward one batch; return feature rows (float32, CPU), their record indices and positions.
+
+    With ``pooled`` each text's positions are averaged into one row (read at its last position).
+    """
     inputs = left_pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
     hidden = reader.run(**inputs)
     width = inputs["input_ids"].shape[1]
+    if pooled:
+        rows = [hidden[b, [width - len(e.ids) + p for p in e.positions]].float().mean(0) for b, e in enumerate(batch)]
+        feats = torch.stack(rows).cpu()
+        index = [e.record_index for e in batch]
+        positions = [e.positions[-1] for e in batch]
+        if not torch.isfinite(feats).all():
+            raise SapError("the model produced NaN or Inf hidden states; try --dtype float32")
+        return feats, index, positions
     rows_b, rows_t, index, positions = [], [], [], []
     for b, item in enumerate(batch):
         offset = width - len(item.ids)
@@ -133,7 +147,7 @@ def extract_features(
     feats, index, pos = [], [], []
     with LayerReader(lm.model, layer, stop=True) as reader:
         for batch in tqdm(batches, desc="extract", unit="batch", disable=not show_progress):
-            f, i, p = run_batch(reader, lm, batch)
+            f, i, p = run_batch(reader, lm, batch, policy in POOLED)
             feats.append(f)
             index.extend(i)
             pos.extend(p)
@@ -223,7 +237,7 @@ def extract_to_dir(
         for number in range(len(shards), len(chunks)):
             feats, index, pos = [], [], []
             for batch in length_sorted_batches(chunks[number], batch_size, MAX_BATCH_TOKENS):
-                f, i, p = run_batch(reader, lm, batch)
+                f, i, p = run_batch(reader, lm, batch, policy in POOLED)
                 feats.append(f)
                 index.extend(i)
                 pos.extend(p)

@@ -57,3 +57,17 @@ def encode_pair(tokenizer: Any, prompt: str, response: str | None, template: str
         return prompt_ids, len(prompt_ids)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     return prompt_ids + response_ids, len(prompt_ids)
+
+
+def header_length(tokenizer: Any, template: str) -> int:
+    """Number of leading tokens every prompt shares under ``template`` (system turn, role markers).
+
+    Measured as the common prefix of two unrelated prompts' encodings, so it follows whatever the
+    tokenizer's chat template puts before the user text.
+    """
+    a = encode_prompt(tokenizer, "alpha", template)
+    b = encode_prompt(tokenizer, "Zebra 42?", template)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -164,3 +164,24 @@ def model_card(config: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / "assets" / "detector"
+"""The detection polytope shipped with the package (trained on the full default corpus for the
+embedded default model by ``python benchmarks/train_default_detector.py``)."""
+
+
+def default_polytope() -> SafetyPolytope:
+    """Load the shipped default detection polytope (for the embedded default model).
+
+    Raises:
+        SapError: the package was installed without its data files.
+    """
+    if not (DEFAULT_DETECTOR / CONFIG).is_file():
+        raise SapError(f"{DEFAULT_DETECTOR}: the shipped default polytope is missing; reinstall sapguard")
+    return load_polytope(DEFAULT_DETECTOR)
+
+
+def load_polytope_spec(spec: str | Path) -> SafetyPolytope:
+    """``"default"`` for the shipped detector, else an artifact directory."""
+    return default_polytope() if str(spec) == "default" else load_polytope(spec)

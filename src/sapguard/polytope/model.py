@@ -93,7 +93,6 @@ class SafetyPolytope(nn.Module):
         self.xi = nn.Parameter(torch.zeros(num_facets))
         self.register_buffer("offset", torch.zeros(()))
         self.meta: dict[str, Any] = dict(meta or {})
-        self._lm: Any = None
 
     @property
     def facet_names(self) -> list[str]:

@@ -6,6 +6,9 @@ Objective per batch (unsafe is label 1):
     unsafe rows:  unsafe_weight * relu(kappa - v_a)      a = the row's assigned facet
     + lambda_f * mean_rows ||f||_1 + lambda_phi * mean_k ||phi_k||_1
 
+As in the reference code, the hinge terms are *summed* over the batch while the L1 terms are
+means, so ``lambda_f`` and ``lambda_phi`` weigh the same as the published values at batch 128.
+
 Facet assignment: each unsafe row goes to its most violated facet, re-assigned greedily so that
 unsafe rows spread over facets: rows are visited from the most to the least violated, and facet k's
 score is ``v_k / s + entropy_weight * -log p_k`` where ``p_k`` is the (smoothed) share of unsafe rows
@@ -49,8 +52,8 @@ class TrainConfig:
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="mlp", width=1024, depth=1))
     margin: float = 1.0
     unsafe_weight: float = 2.0
-    lambda_f: float = 1e-3
-    lambda_phi: float = 1e-3
+    lambda_f: float = 0.1
+    lambda_phi: float = 0.1
     entropy_weight: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -132,7 +135,6 @@ def polytope_loss(
     if unsafe.any():
         v_a = v[unsafe].gather(1, assigned[:, None]).squeeze(1)
         loss = loss + cfg.unsafe_weight * torch.relu(cfg.margin - v_a).sum()
-    loss = loss / len(y)
     loss = loss + cfg.lambda_f * f.abs().sum(dim=-1).mean() + cfg.lambda_phi * poly.phi.abs().sum(dim=-1).mean()
     return loss
 
@@ -227,7 +229,7 @@ def train_polytope(
             loss.backward()
             opt.step()
             schedule.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach())
         if not np.isfinite(total):
             raise SapError("training diverged (NaN loss); lower --lr or --margin")
         val_auc = auroc(y_val, raw_scores(poly, x_val.float()))
