@@ -143,6 +143,15 @@ def test_streaming_equals_non_streaming(live: Live) -> None:
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
 
 
+def test_neutral_openai_options_are_accepted(live: Live) -> None:
+    with live.http() as http:
+        body = {**GOOD, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "logit_bias": {},
+                "response_format": {"type": "text"}, "user": "u1", "metadata": {"k": "v"}, "store": False,
+                "stream": False, "parallel_tool_calls": True}
+        resp = http.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
+
+
 def test_sampling_is_seeded(live: Live) -> None:
     kw = dict(model=MODEL, messages=user(PROMPT), max_tokens=12, temperature=1.0, top_p=0.9)
     a = live.client().chat.completions.create(**kw, seed=1).choices[0].message.content
@@ -332,6 +341,8 @@ BAD_CHAT = [
     ("max_tokens zero", {**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ("temperature too high", {**GOOD, "temperature": 3}, 400, "temperature"),
     ("n > 1", {**GOOD, "n": 2}, 400, "n"),
+    ("logprobs", {**GOOD, "logprobs": True}, 400, "logprobs"),
+    ("tools", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("input longer than context", {**GOOD, "messages": user("bake bread " * 150)}, 400, "messages"),
     ("prompt + max_tokens over context", {**GOOD, "messages": user("bake bread " * 100), "max_tokens": 60}, 400,
      "messages"),

@@ -404,6 +404,9 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[ChatJ
         raise APIError(400, "every message in 'messages' is empty.", param="messages")
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported.", param="n")
+    option = body.unsupported()
+    if option is not None:
+        raise APIError(400, f"'{option}' is not supported by this server.", param=option)
     mode = (body.sapguard.mode if body.sapguard and body.sapguard.mode else None) or cfg.mode
     if mode not in cfg.allowed_modes:
         raise APIError(400, f"mode {mode!r} is not allowed here; allowed: {', '.join(cfg.allowed_modes)}",

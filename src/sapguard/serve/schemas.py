@@ -60,6 +60,29 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = None
     user: str | None = None
     sapguard: SapguardOptions | None = None
+    # accepted at their neutral values only (clients send them by default); anything else is a 400
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first option set to something this server cannot do, if any."""
+        checks = {
+            "presence_penalty": self.presence_penalty in (None, 0), "frequency_penalty": self.frequency_penalty in (None, 0),
+            "logprobs": not self.logprobs, "top_logprobs": not self.top_logprobs, "logit_bias": not self.logit_bias,
+            "response_format": self.response_format in (None, {"type": "text"}), "tools": not self.tools,
+            "tool_choice": self.tool_choice in (None, "none", "auto"),
+        }
+        return next((name for name, ok in checks.items() if not ok), None)
 
 
 class ModerationRequest(_Strict):
