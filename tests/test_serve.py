@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from sapguard.detect import scan
+from sapguard.errors import SapError
 from sapguard.models.chat import encode_prompt
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
@@ -581,12 +582,17 @@ def test_config_file_and_validation(tmp_path: Any) -> None:
 
 
 def test_serves_the_shipped_default_polytope_without_polytope(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sapguard.detect as detect
+    from sapguard.polytope import artifact
 
     poly = tiny_polytope(lm, offset=NEVER)
-    monkeypatch.setattr(detect, "default_polytope", lambda: poly, raising=False)
-    state = build_state(ServeConfig(), lm=lm)
-    assert state.poly is poly and state.polytope_label == "default"
-    monkeypatch.delattr(detect, "default_polytope")
-    with pytest.raises(ValueError, match="no --polytope given"):
+    monkeypatch.setattr(artifact, "default_polytope", lambda: poly)
+    for config in (ServeConfig(), ServeConfig(polytope="default")):
+        state = build_state(config, lm=lm)
+        assert state.poly is poly and state.polytope_label == "default"
+
+    def missing() -> SafetyPolytope:
+        raise SapError("the shipped default polytope is missing")
+
+    monkeypatch.setattr(artifact, "default_polytope", missing)
+    with pytest.raises(SapError, match="default polytope is missing"):
         build_state(ServeConfig(), lm=lm)

@@ -31,12 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_polytope_for(config: ServeConfig) -> tuple[SafetyPolytope, str]:
-    """The polytope named in ``config`` (or the shipped default) and a label for it."""
-    if config.polytope is not None:
+    """The polytope named in ``config``, or the shipped default (no polytope, or ``"default"``), and a label."""
+    if config.polytope is not None and config.polytope != "default":
         return load_polytope(config.polytope), str(config.polytope)
     from sapguard import detect
+    from sapguard.polytope import artifact
 
-    finder = getattr(detect, "default_polytope", None)
+    finder = getattr(artifact, "default_polytope", None) or getattr(detect, "default_polytope", None)
     if finder is None:
         raise SapError("no --polytope given and this sapguard ships no default polytope")
     found = finder()
