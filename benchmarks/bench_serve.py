@@ -7,9 +7,10 @@ generator (a lean asyncio HTTP/1.1 client on keep-alive connections, so it steal
 the server). Every phase sends a fixed number of requests per client and has a time limit, so the
 benchmark stops by itself. Phases:
 
-1. in-process ``scan()`` of the moderation prompts (batch 32) in this process, before any server runs;
-2. a server with batching (``--max-batch-size 32``): moderation at 1/8/32 clients, one 50-token prompt
-   per request; chat completions at 1/8/32 clients (greedy, ``max_tokens`` fixed, mode ``detect``:
+1. a server with batching (``--max-batch-size 32``): moderation at 1/8/32 clients, one 50-token prompt
+   per request; at 32 clients in ``--rounds`` rounds, each right after an in-process ``scan()`` of the
+   same prompts (batch 32) in this process, so both see the same background load;
+2. on the same server, chat completions at 1/8/32 clients (greedy, ``max_tokens`` fixed, mode ``detect``:
    the hook reads every token, nothing stops early);
 3. a server that serves one request at a time (``--max-batch-size 1``): chat at 32 clients, one
    request each (its throughput does not depend on the number of clients).
@@ -203,27 +204,33 @@ def default_polytope_dir(tmp: Path) -> tuple[str, str]:
     return str(tmp / "poly"), "random, default training shape (16 facets, width 1024, layer 22)"
 
 
-def scan_baseline(polytope: str, prompts: list[str], repeats: int) -> dict[str, Any]:
-    from sapguard.detect import base_model_for, scan
-    from sapguard.polytope.artifact import load_polytope
+class Scanner:
+    """In-process ``scan()`` on the same prompts, measured in rounds interleaved with the server's."""
 
-    poly = load_polytope(polytope)
-    lm = base_model_for(poly)
-    scan(poly, prompts[:32], lm=lm)  # warm-up
-    rates, cpu_rates = [], []
-    for _ in range(repeats):
+    def __init__(self, polytope: str):
+        from sapguard.detect import base_model_for
+        from sapguard.polytope.artifact import load_polytope
+
+        self.poly = load_polytope(polytope)
+        self.lm = base_model_for(self.poly)
+
+    def round(self, prompts: list[str]) -> dict[str, float]:
+        from sapguard.detect import scan
+
         t0, c0 = time.perf_counter(), time.process_time()
-        scan(poly, prompts, lm=lm, batch_size=32)
-        rates.append(len(prompts) / (time.perf_counter() - t0))
-        cpu_rates.append(len(prompts) / (time.process_time() - c0))
-    one = []
-    for p in prompts[:20]:
-        t0 = time.perf_counter()
-        scan(poly, [p], lm=lm)
-        one.append(time.perf_counter() - t0)
-    return {"prompts": len(prompts), "prompts_per_s": round(statistics.median(rates), 2),
-            "prompts_per_cpu_s": round(statistics.median(cpu_rates), 2),
-            "single_prompt_p50_ms": round(statistics.median(one) * 1000, 1)}
+        scan(self.poly, prompts, lm=self.lm, batch_size=32)
+        return {"prompts_per_s": round(len(prompts) / (time.perf_counter() - t0), 2),
+                "prompts_per_cpu_s": round(len(prompts) / (time.process_time() - c0), 2)}
+
+    def single_p50_ms(self, prompts: list[str]) -> float:
+        from sapguard.detect import scan
+
+        times = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            scan(self.poly, [p], lm=self.lm)
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1000, 1)
 
 
 def machine() -> dict[str, Any]:
@@ -251,6 +258,7 @@ def main() -> None:
     parser.add_argument("--chat-requests", type=int, default=2, help="Chat requests per client.")
     parser.add_argument("--moderation-requests", type=int, default=256, help="Moderation requests per phase.")
     parser.add_argument("--time-limit", type=float, default=240.0, help="Seconds per phase before it is cut off.")
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved scan()/server rounds at the most clients.")
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -264,8 +272,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(fetch_default_model()))
         prompts = moderation_prompts(tokenizer, args.moderation_requests)
         results: dict[str, Any] = {"machine": info, "polytope": kind, "max_tokens": args.max_tokens}
-        print("in-process scan() ...", flush=True)
-        results["scan"] = scan_baseline(polytope, prompts, repeats=3)
+        scanner = Scanner(polytope)
+        scanner.round(prompts[:32])  # warm-up
 
         def moderation(c: int, r: int) -> dict[str, Any]:
             return {"input": prompts[(c * 7919 + r) % len(prompts)]}
@@ -277,11 +285,26 @@ def main() -> None:
 
         proc, port = start_server(polytope, "--max-batch-size", "32", "--max-wait-ms", "20", "--max-queue", "512")
         try:
+            top = max(clients)
+            rounds = []
             for c in clients:
-                print(f"moderation, {c} clients ...", flush=True)
                 per = max(1, args.moderation_requests // c) if c > 1 else args.moderation_requests // 4
-                results[f"moderation_{c}"] = asyncio.run(run_load(port, c, per, moderation, "/v1/moderations",
-                                                                  args.time_limit, proc.pid))
+                for r in range(args.rounds if c == top else 1):
+                    if c == top:  # in-process scan() and the server, back to back, under the same conditions
+                        print(f"in-process scan(), round {r + 1} ...", flush=True)
+                        rounds.append({"scan": scanner.round(prompts)})
+                    if c == 1:
+                        results["scan_single_prompt_p50_ms"] = scanner.single_p50_ms(prompts[:16])
+                    print(f"moderation, {c} clients ...", flush=True)
+                    results[f"moderation_{c}"] = asyncio.run(run_load(port, c, per, moderation, "/v1/moderations",
+                                                                      args.time_limit, proc.pid))
+                    if c == top:
+                        rounds[-1]["server"] = results[f"moderation_{c}"]
+            results["moderation_vs_scan_rounds"] = [
+                {"scan_prompts_per_s": x["scan"]["prompts_per_s"], "server_prompts_per_s": x["server"]["items_per_s"],
+                 "ratio": round(x["server"]["items_per_s"] / x["scan"]["prompts_per_s"], 2),
+                 "cpu_ratio": round(x["server"]["items_per_cpu_s"] / x["scan"]["prompts_per_cpu_s"], 2)}
+                for x in rounds]
             for c in clients:
                 print(f"chat, {c} clients ...", flush=True)
                 per = args.chat_requests if c > 1 else 2 * args.chat_requests
@@ -289,7 +312,6 @@ def main() -> None:
                                                             args.time_limit, proc.pid))
         finally:
             stop_server(proc)
-        top = max(clients)
         proc, port = start_server(polytope, "--max-batch-size", "1", "--max-queue", "512")
         try:
             print(f"chat one at a time, {top} clients ...", flush=True)
@@ -303,10 +325,10 @@ def main() -> None:
             results[f"chat_{top}"]["tokens_per_s"] / results[f"chat_{top}_unbatched"]["tokens_per_s"], 2),
         "chat_tokens_per_cpu_s_batched_vs_one_at_a_time": round(
             results[f"chat_{top}"]["tokens_per_cpu_s"] / results[f"chat_{top}_unbatched"]["tokens_per_cpu_s"], 2),
-        "moderation_prompts_per_s_vs_scan": round(
-            results[f"moderation_{top}"]["items_per_s"] / results["scan"]["prompts_per_s"], 2),
-        "moderation_prompts_per_cpu_s_vs_scan": round(
-            results[f"moderation_{top}"]["items_per_cpu_s"] / results["scan"]["prompts_per_cpu_s"], 2),
+        "moderation_prompts_per_s_vs_scan": statistics.median(
+            x["ratio"] for x in results["moderation_vs_scan_rounds"]),
+        "moderation_prompts_per_cpu_s_vs_scan": statistics.median(
+            x["cpu_ratio"] for x in results["moderation_vs_scan_rounds"]),
         "moderation_p50_ms_1_client": results["moderation_1"]["p50_ms"] if 1 in clients else None,
     }
     results["ratios"] = ratios
