@@ -93,7 +93,8 @@ class SafeFlow:
         target: The polytope whose constraints are solved (``None``: the gate itself, as in the
             paper). A behavioural target (refusal vs compliance states) is stored in the artifact's
             ``target/`` directory; see :mod:`sapguard.steer.target`.
-        basis: Optional ``[r, d]`` orthonormal rows restricting the edit to their span.
+        basis: Optional ``[r, d]`` orthonormal rows restricting the edit to their span
+            (:func:`make_mode` accepts ``"refusal_direction"``: the artifact's direction, normalised).
     """
 
     margin: float = 1.0
@@ -205,6 +206,9 @@ def make_mode(name: str, poly: SafetyPolytope, **options: Any) -> SteeringMode:
     stored.update({k: v for k, v in options.items() if v is not None})
     if name == "safeflow":
         stored.setdefault("target", target_of(poly))
+        if stored.get("basis") == "refusal_direction":
+            u = steering_direction(poly)
+            stored["basis"] = (u / u.norm())[None, :]
         return SafeFlow(**_known(SafeFlow, stored))
     if name == "redirect":
         return Redirect(direction=steering_direction(poly), **_known(Redirect, stored))
