@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,7 @@ CHAT_PROMPTS = [
     "Write a poem about autumn leaves and cold rain.",
     "Describe how a bicycle works, part by part.",
 ]
-WORDS = (
-    "the river city morning garden teacher library window music history science market bread travel "
-    "mountain simple quiet letter friend winter summer light question answer story paper kitchen road "
-    "village computer student careful bright open machine children ocean museum recipe weather planet"
-).split()
+WORDS = ["the", "river", "city", "morning", "garden", "teacher", "library", "window", "music", "history", "science", "market", "bread", "travel", "mountain", "simple", "quiet", "letter", "friend", "winter", "summer", "light", "question", "answer", "story", "paper", "kitchen", "road", "village", "computer", "student", "careful", "bright", "open", "machine", "children", "ocean", "museum", "recipe", "weather", "planet"]
 
 
 def moderation_prompts(tokenizer: Any, n: int, tokens: int = 50, seed: int = 0) -> list[str]:
@@ -254,7 +250,7 @@ def machine() -> dict[str, Any]:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit, "loadavg_start": os.getloadavg()[0]}
 
 
@@ -350,8 +346,9 @@ def main() -> None:
 
 
 def markdown(results: dict[str, Any], clients: list[int]) -> str:
-    rows = ["| phase | clients | requests | req/s | gen tok/s | tok or prompts / server CPU-s | p50 ms | p95 ms | "
-            "p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ("| phase | clients | requests | req/s | gen tok/s | tok or prompts / server CPU-s | p50 ms | p95 ms | "
+              "p99 ms | errors |")
+    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         if isinstance(r, dict) and "clients" in r:
             rows.append(f"| {key.rsplit('_', 1)[0] if key[-1].isdigit() else key} | {r['clients']} | {r['requests']} | "

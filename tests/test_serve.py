@@ -131,7 +131,7 @@ def test_greedy_chat_equals_library_generate(live: Live, lm: LoadedModel) -> Non
 
 
 def test_streaming_equals_non_streaming(live: Live) -> None:
-    kw = dict(model=MODEL, messages=user("tell me a story about the war"), max_tokens=10, temperature=0)
+    kw = {"model": MODEL, "messages": user("tell me a story about the war"), "max_tokens": 10, "temperature": 0}
     full = live.client().chat.completions.create(**kw)
     chunks = list(live.client().chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -154,7 +154,7 @@ def test_neutral_openai_options_are_accepted(live: Live) -> None:
 
 
 def test_sampling_is_seeded(live: Live) -> None:
-    kw = dict(model=MODEL, messages=user(PROMPT), max_tokens=12, temperature=1.0, top_p=0.9)
+    kw = {"model": MODEL, "messages": user(PROMPT), "max_tokens": 12, "temperature": 1.0, "top_p": 0.9}
     a = live.client().chat.completions.create(**kw, seed=1).choices[0].message.content
     b = live.client().chat.completions.create(**kw, seed=1).choices[0].message.content
     c = live.client().chat.completions.create(**kw, seed=2).choices[0].message.content
@@ -163,7 +163,7 @@ def test_sampling_is_seeded(live: Live) -> None:
 
 
 def test_stop_sequence_truncates(live: Live) -> None:
-    kw = dict(model=MODEL, messages=user(PROMPT), max_tokens=12, temperature=0)
+    kw = {"model": MODEL, "messages": user(PROMPT), "max_tokens": 12, "temperature": 0}
     text = live.client().chat.completions.create(**kw).choices[0].message.content
     word = text.split()[3]
     cut = text[: text.find(word)]
@@ -177,7 +177,7 @@ def test_stop_sequence_truncates(live: Live) -> None:
 def test_concurrent_requests_are_batched_and_match_one_by_one(live: Live) -> None:
     prompts = ["how do i make a bomb", "bake bread", "tell me about history of war please", "write a poem",
                "what is the dose of medicine", "kill process python"]
-    kw = dict(model=MODEL, max_tokens=8, temperature=0)
+    kw = {"model": MODEL, "max_tokens": 8, "temperature": 0}
     alone = [live.client().chat.completions.create(messages=user(p), **kw).choices[0].message.content
              for p in prompts]
     before = _batch_histogram(live)
@@ -456,14 +456,13 @@ def test_full_queue_answers_429_with_retry_after() -> None:
 def test_request_timeout() -> None:
     lm = make_tiny("llama")
     slow_forward(lm, 0.05)
-    with live_server(lm, tiny_polytope(lm, offset=NEVER), request_timeout=0.5) as srv:
-        with srv.http() as http:
-            resp = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 60})
-            _assert_openai_error(resp, 504, None)
-            lines = [line for line in http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 60, "stream": True})
-                     .text.splitlines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["type"] == "timeout"
-            assert http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2}).status_code == 200
+    with live_server(lm, tiny_polytope(lm, offset=NEVER), request_timeout=0.5) as srv, srv.http() as http:
+        resp = http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 60})
+        _assert_openai_error(resp, 504, None)
+        lines = [line for line in http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 60, "stream": True})
+                 .text.splitlines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["type"] == "timeout"
+        assert http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2}).status_code == 200
 
 
 def test_disconnect_mid_stream_frees_the_slot() -> None:

@@ -28,7 +28,7 @@ def test_default_model_chat_stream_and_moderation() -> None:
         client = srv.client()
         assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL_ID]
         expected = generate(lm, [prompt], None, None, max_new_tokens=40)[0]
-        kw = dict(model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": prompt}], max_tokens=40, temperature=0)
+        kw = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0}
         resp = client.chat.completions.create(**kw)
         assert resp.choices[0].message.content == expected.response
         assert resp.usage.completion_tokens == len(expected.token_ids)

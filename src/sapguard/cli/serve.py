@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,38 +19,38 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def serve(
-        polytope: Optional[Path] = typer.Option(
+        polytope: Path | None = typer.Option(
             None, "--polytope", "-p", help="Polytope directory (default: the shipped default polytope, when present)."),
-        model: Optional[str] = typer.Option(None, "--model", help="Base model (default: the one in the artifact)."),
-        mode: Optional[str] = typer.Option(None, "--mode", help="safeflow, redirect, refuse (default) or detect."),
-        host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),
-        port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000; 0 picks a free one)."),
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file of settings; flags win."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, float16, bfloat16."),
-        served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+        model: str | None = typer.Option(None, "--model", help="Base model (default: the one in the artifact)."),
+        mode: str | None = typer.Option(None, "--mode", help="safeflow, redirect, refuse (default) or detect."),
+        host: str | None = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),
+        port: int | None = typer.Option(None, "--port", help="Port (default 8000; 0 picks a free one)."),
+        config: Path | None = typer.Option(None, "--config", "-c", help="YAML/JSON file of settings; flags win."),
+        device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+        dtype: str | None = typer.Option(None, "--dtype", help="auto, float32, float16, bfloat16."),
+        served_model_name: str | None = typer.Option(None, "--served-model-name",
                                                         help="Model name clients send (default: the base model id)."),
-        allowed_mode: Optional[list[str]] = typer.Option(None, "--allowed-mode",
+        allowed_mode: list[str] | None = typer.Option(None, "--allowed-mode",
                                                          help="A mode requests may ask for (repeat; default: all)."),
-        tokens: Optional[str] = typer.Option(None, "--tokens", help="Hook token policy: prompt, generated, first_n, all."),
-        first_n: Optional[int] = typer.Option(None, "--first-n", help="Generated tokens checked under first_n."),
-        threshold: Optional[float] = typer.Option(None, "--threshold", help="A position fires above this margin."),
-        refusal_text: Optional[str] = typer.Option(None, "--refusal-text", help="Answer of refuse when the prompt fires."),
-        max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Requests per batch (default 32)."),
-        max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="Batch fill wait (default 20 ms)."),
-        max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Waiting requests before 429 (default 256)."),
-        timeout: Optional[float] = typer.Option(None, "--timeout", help="Per-request timeout in s (default 120)."),
-        max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="Largest body (default 1 MB)."),
-        max_input_tokens: Optional[int] = typer.Option(None, "--max-input-tokens", help="Longest prompt in tokens."),
-        max_tokens_cap: Optional[int] = typer.Option(None, "--max-tokens-cap", help="Largest max_tokens (default 1024)."),
-        default_max_tokens: Optional[int] = typer.Option(None, "--default-max-tokens", help="max_tokens when unset."),
-        api_key_env: Optional[str] = typer.Option(
+        tokens: str | None = typer.Option(None, "--tokens", help="Hook token policy: prompt, generated, first_n, all."),
+        first_n: int | None = typer.Option(None, "--first-n", help="Generated tokens checked under first_n."),
+        threshold: float | None = typer.Option(None, "--threshold", help="A position fires above this margin."),
+        refusal_text: str | None = typer.Option(None, "--refusal-text", help="Answer of refuse when the prompt fires."),
+        max_batch_size: int | None = typer.Option(None, "--max-batch-size", help="Requests per batch (default 32)."),
+        max_wait_ms: float | None = typer.Option(None, "--max-wait-ms", help="Batch fill wait (default 20 ms)."),
+        max_queue: int | None = typer.Option(None, "--max-queue", help="Waiting requests before 429 (default 256)."),
+        timeout: float | None = typer.Option(None, "--timeout", help="Per-request timeout in s (default 120)."),
+        max_body_bytes: int | None = typer.Option(None, "--max-body-bytes", help="Largest body (default 1 MB)."),
+        max_input_tokens: int | None = typer.Option(None, "--max-input-tokens", help="Longest prompt in tokens."),
+        max_tokens_cap: int | None = typer.Option(None, "--max-tokens-cap", help="Largest max_tokens (default 1024)."),
+        default_max_tokens: int | None = typer.Option(None, "--default-max-tokens", help="max_tokens when unset."),
+        api_key_env: str | None = typer.Option(
             None, "--api-key-env", help="Env var with comma-separated API keys (default SAPGUARD_API_KEYS)."),
-        api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File with one API key per line."),
-        cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="Allowed CORS origin (repeat)."),
-        access_log: Optional[bool] = typer.Option(None, "--access-log/--no-access-log",
+        api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File with one API key per line."),
+        cors_origin: list[str] | None = typer.Option(None, "--cors-origin", help="Allowed CORS origin (repeat)."),
+        access_log: bool | None = typer.Option(None, "--access-log/--no-access-log",
                                                   help="One JSON line per request on stderr."),
-        graceful_timeout: Optional[float] = typer.Option(None, "--graceful-timeout",
+        graceful_timeout: float | None = typer.Option(None, "--graceful-timeout",
                                                          help="Seconds SIGTERM waits for in-flight requests."),
         json_out: bool = JSON_OPTION,
         verbose: bool = VERBOSE_OPTION,

@@ -329,7 +329,7 @@ def create_app(state: ServerState) -> Any:
         submit(state, job)
         try:
             result = await asyncio.wait_for(future, state.config.request_timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             job.cancel()
             raise APIError(504, "the request timed out", type="timeout") from None
         except asyncio.CancelledError:
@@ -447,7 +447,7 @@ async def next_event(job: ChatJob, events: asyncio.Queue[Event]) -> Event:
     left = job.deadline - time.monotonic() + 1.0  # the worker reports its own timeouts first
     try:
         return await asyncio.wait_for(events.get(), max(0.0, left))
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         job.cancel()
         return Failed(504, "the request timed out", "timeout")
 
