@@ -331,12 +331,12 @@ def main() -> None:
             results[f"chat_{top}"]["tokens_per_s"] / results[f"chat_{top}_unbatched"]["tokens_per_s"], 2),
         "chat_tokens_per_cpu_s_batched_vs_one_at_a_time": round(
             results[f"chat_{top}"]["tokens_per_cpu_s"] / results[f"chat_{top}_unbatched"]["tokens_per_cpu_s"], 2),
-        "moderation_prompts_per_s_vs_scan": statistics.median(
-            x["ratio"] for x in results["moderation_vs_scan_rounds"]),
-        "moderation_prompts_per_cpu_s_vs_scan": statistics.median(
-            x["cpu_ratio"] for x in results["moderation_vs_scan_rounds"]),
-        "moderation_prompts_per_s_vs_scan_in_a_thread": statistics.median(
-            x["ratio_vs_thread"] for x in results["moderation_vs_scan_rounds"]),
+        "moderation_prompts_per_s_vs_scan": round(statistics.median(
+            x["ratio"] for x in results["moderation_vs_scan_rounds"]), 2),
+        "moderation_prompts_per_cpu_s_vs_scan": round(statistics.median(
+            x["cpu_ratio"] for x in results["moderation_vs_scan_rounds"]), 2),
+        "moderation_prompts_per_s_vs_scan_in_a_thread": round(statistics.median(
+            x["ratio_vs_thread"] for x in results["moderation_vs_scan_rounds"]), 2),
         "moderation_p50_ms_1_client": results["moderation_1"]["p50_ms"] if 1 in clients else None,
     }
     results["ratios"] = ratios
