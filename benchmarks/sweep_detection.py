@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--layers", default="10,14,18,22,26")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.step == "extract":

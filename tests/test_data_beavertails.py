@@ -73,3 +73,15 @@ def test_unreachable_hub_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(SapError, match="cannot load PKU-Alignment/BeaverTails split '30k_train'.*path="):
         beavertails.load_beavertails("30k_train")
+
+
+def test_responses_to_one_prompt_share_a_group_and_a_split(tmp_path: Path) -> None:
+    from sapguard.data.splits import split_by_group
+
+    rows = [_row("How do I bake bread?", f"Answer {i}", True) for i in range(5)]
+    rows += [_row(f"Question number {i} about something else entirely", "ok", True) for i in range(40)]
+    (tmp_path / "bt").mkdir()
+    (tmp_path / "bt" / "30k_train.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    records = split_by_group(load_beavertails("30k_train", path=tmp_path / "bt"))
+    bread = [r for r in records if r.prompt == "How do I bake bread?"]
+    assert len(bread) == 5 and len({r.group for r in bread}) == 1 and len({r.split for r in bread}) == 1

@@ -143,7 +143,7 @@ def scan(
     lm: LoadedModel | None = None,
     responses: Sequence[str | None] | None = None,
     batch_size: int = 32,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     max_chars: int = MAX_CHARS,
     show_progress: bool = False,
 ) -> list[Verdict]:
@@ -159,7 +159,8 @@ def scan(
         texts: One prompt or a list of prompts.
         lm: The base model; by default the one recorded in the polytope is loaded (once).
         responses: Optional responses, one per prompt, for exchange-level polytopes (not windowed).
-        window: Tokens of user text read in one pass.
+        window: Tokens of user text read in one pass (default: the ``max_length`` the polytope was
+            trained with, else :data:`DEFAULT_WINDOW`).
         max_chars: Longer texts are refused with :class:`SapError`.
 
     Example:
@@ -173,6 +174,7 @@ def scan(
             raise SapError(f"text {i + 1}: {len(text)} characters exceeds the limit of {max_chars}; split it or raise max_chars")
     lm = lm or base_model_for(poly)
     check_compatible(poly, lm.identity())
+    window = window or int(poly.meta.get("max_length") or DEFAULT_WINDOW)
     if responses is not None:
         pieces, owner = list(texts), list(range(len(texts)))
     else:

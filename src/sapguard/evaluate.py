@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from sapguard.data.records import Record
+from sapguard.errors import SapError
 from sapguard.features.store import FeatureSet
 from sapguard.polytope.baselines import BASELINES, Detector, PolytopeDetector
 from sapguard.polytope.model import SafetyPolytope
@@ -187,6 +188,33 @@ def operating_points(
             row[f"benign_flag_rate@{tag}"] = recall_at_fpr(benign_val, scores[idx][y[idx] == 0], fpr)
         out[name] = row
     return out
+
+
+def generalisation_report(
+    poly: SafetyPolytope,
+    features: FeatureSet,
+    cfg: Any = None,
+    *,
+    fprs: Sequence[float] = (0.01, 0.05),
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """The headline metrics: held-out sources and wrapper families, and per-source operating points.
+
+    ``leave_one_out`` retrains one polytope per fold with ``cfg`` (the test split's rows of the
+    held-out fold are scored); ``operating_points`` scores ``poly`` itself on the test split at
+    thresholds calibrated on validation benign rows, per source and per wrapper family.
+    """
+    from sapguard.polytope.train import raw_scores
+
+    if len(features) != len(set(features.record_index.tolist())):
+        raise SapError("generalisation needs one feature row per text (token policy last_prompt or mean_prompt)")
+    records = [features.records[i] for i in features.record_index.tolist()]
+    x, y = features.features.float(), features.labels
+    loo = leave_one_out(x, y, records, cfg, report="test", fprs=fprs, show_progress=show_progress)
+    x_val, y_val, _ = features.subset("validation")
+    x_test, y_test, rec_test = features.subset("test")
+    ops = operating_points(raw_scores(poly, x_val.float()), y_val, raw_scores(poly, x_test.float()), y_test, rec_test, fprs)
+    return {"leave_one_out": loo, "operating_points_test": ops}
 
 
 def evaluate(

@@ -144,6 +144,11 @@ def register(app: typer.Typer) -> None:
         features: Path = typer.Option(..., "--features", "-f", help="Features directory with train/validation/test splits."),
         split: str = typer.Option("test", "--split"),
         baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Train and compare logistic and MLP probes."),
+        generalisation: bool = typer.Option(
+            True, "--generalisation/--no-generalisation",
+            help="Leave-one-out over unsafe sources and wrapper families (one retrained polytope per fold) "
+            "and per-source recall / FPR at 1 %% and 5 %% FPR thresholds.",
+        ),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the metrics as JSON here."),
         json_out: bool = JSON_OPTION,
         verbose: bool = VERBOSE_OPTION,
@@ -159,6 +164,16 @@ def register(app: typer.Typer) -> None:
         fs = load_features(features, expect={"layer": poly.meta.get("layer"), "hidden_size": poly.hidden_size,
                                              "policy": poly.meta.get("policy")})
         result = evaluate(poly, fs, split=split, baselines=("logistic_probe", "mlp_probe") if baselines else ())
+        if generalisation:
+            from sapguard.evaluate import generalisation_report
+            from sapguard.polytope.train import TrainConfig
+
+            cfg_dict = dict(poly.meta.get("train_config") or {})
+            cfg = TrainConfig(
+                num_facets=poly.num_facets, encoder=poly.encoder.spec,
+                **{k: v for k, v in cfg_dict.items() if k not in ("encoder", "num_facets")},
+            )
+            result["generalisation"] = generalisation_report(poly, fs, cfg, show_progress=not json_out)
         if out:
             write_json(out, result)
         if json_out:
@@ -167,6 +182,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(metrics_table(result))
             rows = [[c, str(m["n"]), f"{m['recall']:.3f}"] for c, m in result["per_category_recall"].items()]
             typer.echo("\n" + table(rows, ["category", "unsafe rows", "recall"]))
+            if "generalisation" in result:
+                typer.echo("\n" + generalisation_table(result["generalisation"]))
 
     @app.command()
     @handle_errors
@@ -175,7 +192,10 @@ def register(app: typer.Typer) -> None:
         polytope: str = typer.Option(
             "default", "--polytope", "-p", help="An artifact directory, or 'default' for the shipped detector."
         ),
-        window: int = typer.Option(1024, "--window", help="Longer texts are read in overlapping windows of this many tokens."),
+        window: Optional[int] = typer.Option(
+            None, "--window", help="Longer texts are read in overlapping windows of this many tokens "
+            "(default: the length the polytope was trained on)."
+        ),
         input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
         device: str = DEVICE_OPTION,
         dtype: str = DTYPE_OPTION,
@@ -210,6 +230,24 @@ def register(app: typer.Typer) -> None:
         summary = run_demo(out, show_progress=True, echo=None if json_out else typer.echo)
         if json_out:
             emit_json(summary)
+
+
+def generalisation_table(report: dict) -> str:  # type: ignore[type-arg]
+    """Leave-one-out folds and per-source operating points as text tables."""
+
+    def pct(v: float) -> str:
+        return "-" if v != v else f"{v:.3f}"
+
+    loo = report["leave_one_out"]["folds"]
+    rows = [[name, str(r["n"]), pct(r["recall@1%"]), pct(r["recall@5%"]), pct(r["benign_flag_rate@5%"])] for name, r in loo.items()]
+    out = "held out in training (test rows of the fold)\n" + table(
+        rows, ["held-out fold", "rows", "recall@1%FPR", "recall@5%FPR", "benign flagged@5%"]
+    )
+    ops = report["operating_points_test"]
+    rows = [[name, str(r["n"]), pct(r["recall@5%"]), pct(r["benign_flag_rate@1%"]), pct(r["benign_flag_rate@5%"])] for name, r in ops.items()]
+    return out + "\n\nthis polytope on the test split, thresholds from validation\n" + table(
+        rows, ["group", "rows", "recall@5%", "benign flagged@1%", "benign flagged@5%"]
+    )
 
 
 def verdict_table(verdicts: list) -> str:  # type: ignore[type-arg]

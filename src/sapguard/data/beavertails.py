@@ -8,6 +8,7 @@ parquet files named after the split) or, when no path is given, ``datasets.load_
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sapguard.data.records import Record, prompt_and_response
+from sapguard.data.splits import normalize_text
 from sapguard.errors import SapError
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ def _row_to_record(row: dict[str, Any], where: str) -> Record:
         is_safe=is_safe,
         categories=cats,
         source=SOURCE,
+        # BeaverTails pairs one prompt with several responses: all of them stay in one split
+        group="bt-" + hashlib.sha256(normalize_text(prompt).encode("utf-8")).hexdigest()[:12],
     )
 
 
