@@ -48,3 +48,21 @@ def test_default_model_redirect_edits_and_traces(lm):
         mode_options={"alpha": 4.0},
     )
     assert gens[0].summary.edited_tokens == len(gens[0].token_ids) > 0
+
+
+def test_shipped_steering_artifact_on_the_default_model(lm):
+    """The demo's artifact: benign prompt bit-identical; the pipe-bomb request fires and every edit
+    lands inside the target with the margin (the final iterate is what the model sees)."""
+    from sapguard.demo import STEERING_ASSET, STEER_PROMPTS
+    from sapguard.steer.target import load_steering, target_of
+
+    gate = load_steering(STEERING_ASSET)
+    assert target_of(gate) is not None
+    bomb, benign = STEER_PROMPTS
+    base = generate(lm, [benign], None, None, max_new_tokens=8, return_logits=True)[0]
+    steered = generate(lm, [benign], gate, "safeflow", max_new_tokens=8, return_logits=True)[0]
+    assert base.token_ids == steered.token_ids and torch.equal(base.logits, steered.logits)
+    g = generate(lm, [bomb], gate, "safeflow", max_new_tokens=8)[0]
+    edited = [t for t in g.trace if t.edited]
+    assert g.summary.fired_steered > 0 and edited
+    assert all(t.margin_after <= -1.0 + 1e-3 for t in edited)  # target margins of the final iterates

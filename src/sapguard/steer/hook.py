@@ -319,7 +319,9 @@ class SteeringHook:
         after = out_m.max(-1).values.clone()
         if bool(edit[last].any()):
             e = last & edit
-            after[rows[e].cpu()] = poly.margins(new_h[e]).max(-1).values.cpu()
+            constraints = getattr(self.mode, "constraints", None)
+            solved = constraints(poly, new_h.device)[0] if constraints is not None else poly
+            after[rows[e].cpu()] = solved.margins(new_h[e]).max(-1).values.cpu()
 
         def pick(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             out = torch.zeros(batch, dtype=dtype)

@@ -25,7 +25,8 @@ class TraceStep:
         edit_norm: ``[B]`` L2 norm of the edit at the emitting position (0 when not edited).
         steps: ``[B]`` optimisation steps used at the emitting position.
         failed: ``[B]`` the optimisation failed (non-finite) at the emitting position.
-        margin_after: ``[B]`` max margin after the edit (equals the before value when not edited).
+        margin_after: ``[B]`` max margin after the edit, in the polytope the mode solved (SafeFlow's
+            target when it has one; equals the before value when not edited).
         edit_cosine: ``[B]`` cosine between the edit and the artifact's refusal direction (0 when
             not edited or when the artifact has no direction).
         prompt_fired: ``[B]`` any selected prompt position (before the emitting one) fired; only
