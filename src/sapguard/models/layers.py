@@ -12,6 +12,7 @@ For the last layer (``L == n_blocks``) transformers applies the final norm befor
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,18 +20,61 @@ from torch import nn
 
 from sapguard.errors import SapError
 
+logger = logging.getLogger(__name__)
+
+
+#: Last path component of the ``ModuleList`` that holds a model's decoder blocks, across the
+#: families transformers ships (``model.layers``, GPT-2's ``transformer.h``, ``blocks``, T5's
+#: ``block``, ``decoder.layers`` ...).
+BLOCK_LIST_NAMES = frozenset({"layers", "h", "blocks", "block", "layer", "decoder_layers"})
+
+
+def _expected_num_blocks(model: nn.Module) -> int | None:
+    """``num_hidden_layers`` of the model's (text) config, when it has one."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    n = getattr(text_config, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
+def _block_list_rank(name: str, blocks: nn.ModuleList, expected: int | None) -> tuple[bool, bool, bool, int]:
+    """Sort key of a candidate block list: higher is more likely the decoder blocks.
+
+    In order: not nested inside an item of another list (an MoE layer's ``mlp.experts`` lives at
+    ``model.layers.3.mlp.experts`` and can hold more modules than there are blocks), named like a
+    block list, as long as the config's ``num_hidden_layers``, and then simply the longest.
+    """
+    parts = name.split(".")
+    top_level = not any(part.isdigit() for part in parts)
+    return (top_level, parts[-1] in BLOCK_LIST_NAMES, len(blocks) == expected, len(blocks))
+
 
 def find_decoder_blocks(model: nn.Module, path_template: str | None = None) -> nn.ModuleList:
     """Return the model's list of decoder blocks.
 
+    By default the candidates are every non-empty ``ModuleList`` in ``model.named_modules()``,
+    ranked by :func:`_block_list_rank`: lists inside a block (MoE experts, per-head modules) lose to
+    the block list itself, then a conventional name (:data:`BLOCK_LIST_NAMES`) and a length equal
+    to ``config.num_hidden_layers`` win, then the longest. This finds ``model.layers`` for Llama,
+    Qwen2, Mistral, Gemma, Mixtral and Qwen-MoE, and ``transformer.h`` for GPT-2.
+
     Args:
         model: A transformers causal LM (or any module holding its blocks in a ``ModuleList``).
-        path_template: Explicit path such as ``"model.layers.{num}"``; by default the largest
-            ``ModuleList`` in ``model.named_modules()`` is taken (Llama, Qwen2, Mistral, Gemma:
-            ``model.layers``; GPT-2: ``transformer.h``).
+        path_template: Explicit path such as ``"model.layers.{num}"`` (the escape hatch for models
+            the guess gets wrong); the part before ``.{num}`` must name a ``ModuleList``.
+
+    Returns:
+        The ``ModuleList`` whose item ``i`` is decoder block ``i`` (0-based).
 
     Raises:
         SapError: when no block list is found or the template does not resolve.
+
+    Example:
+        >>> blocks = find_decoder_blocks(lm.model)  # doctest: +SKIP
+        >>> blocks = find_decoder_blocks(lm.model, "model.language_model.layers.{num}")  # doctest: +SKIP
     """
     if path_template is not None:
         prefix = path_template.split(".{num}")[0]
@@ -41,12 +85,16 @@ def find_decoder_blocks(model: nn.Module, path_template: str | None = None) -> n
         if not isinstance(blocks, nn.ModuleList):
             raise SapError(f"layer path {path_template!r} is not a ModuleList of decoder blocks")
         return blocks
-    best: nn.ModuleList | None = None
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best)):
-            best = module
-    if best is None or len(best) == 0:
+    expected = _expected_num_blocks(model)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if not candidates:
         raise SapError(f"could not find decoder blocks in {type(model).__name__}; pass a layer path template")
+    name, best = max(candidates, key=lambda c: _block_list_rank(c[0], c[1], expected))
+    logger.debug("decoder blocks of %s: %s (%d blocks)", type(model).__name__, name, len(best))
     return best
 
 
