@@ -24,10 +24,10 @@ N_EXPERTS = 8
 
 
 def _moe_config(family: str, vocab_size: int) -> MixtralConfig | Qwen2MoeConfig:
-    common = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=N_BLOCKS,
-        num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
-    )
+    common = {
+        "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": N_BLOCKS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2, "max_position_embeddings": 256,
+    }
     if family == "mixtral":
         return MixtralConfig(**common, num_local_experts=N_EXPERTS)
     return Qwen2MoeConfig(
