@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ class LayerReader:
         self._handle = self.block.register_forward_hook(self._hook)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def remove(self) -> None:
@@ -55,16 +54,6 @@ class LayerReader:
         if self.hidden is None:
             raise RuntimeError("the layer hook did not fire; is the layer path right?")
         return self.hidden
-
-
-@contextlib.contextmanager
-def read_layer(model: nn.Module, layer: int, *, stop: bool = False) -> Iterator[LayerReader]:
-    """Context manager form of :class:`LayerReader`; the hook is always removed."""
-    reader = LayerReader(model, layer, stop=stop)
-    try:
-        yield reader.__enter__()
-    finally:
-        reader.remove()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
