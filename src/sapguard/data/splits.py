@@ -4,9 +4,9 @@
   repeats an earlier row; the first occurrence wins.
 - :func:`assign_groups` puts near-duplicates in one group: two rows share a group when their
   content-word sets (stop-words removed, "my <relation>, <Name>" collapsed to "my person") have a
-  Jaccard similarity >= 0.8, or when they were given the same ``group`` already. Groups are the
-  connected components (union-find). Candidate pairs come from an exact prefix filter, so this is
-  fast for thousands of rows.
+  Jaccard similarity >= :data:`JACCARD_THRESHOLD` (0.5), or when they were given the same ``group``
+  already. Groups are the connected components (``scipy.sparse.csgraph.connected_components``).
+  Candidate pairs come from an exact prefix filter, so this is fast for thousands of rows.
 - :func:`split_by_group` assigns whole groups to splits using a SHA-256 of the group id (never
   Python's salted ``hash()``), separately for safe and unsafe groups so both labels land in every
   split in about the requested fractions.
@@ -20,8 +20,12 @@ import math
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from sapguard.data.records import SPLITS, Record
 from sapguard.errors import SapError
@@ -87,23 +91,24 @@ def content_tokens(text: str) -> frozenset[str]:
     return tokens or frozenset(words)
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+def connected_anchors(n: int, edges: Iterable[tuple[int, int]]) -> list[int]:
+    """Smallest member index of each node's connected component in an undirected graph on ``0..n-1``.
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
+    Args:
+        n: Number of nodes.
+        edges: Pairs of nodes that belong to the same component (repeats and self-loops are fine).
 
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            if ri < rj:
-                self.parent[rj] = ri
-            else:
-                self.parent[ri] = rj
+    Returns:
+        ``anchors[i]``: the smallest node index in node ``i``'s component.
+    """
+    if n == 0:
+        return []
+    pairs = np.asarray(list(edges), dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    n_components, labels = connected_components(graph, directed=False)
+    smallest = np.full(n_components, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return [int(a) for a in smallest[labels]]
 
 
 def near_duplicate_components(token_sets: Sequence[frozenset[str]], threshold: float = JACCARD_THRESHOLD) -> list[int]:
@@ -114,7 +119,7 @@ def near_duplicate_components(token_sets: Sequence[frozenset[str]], threshold: f
     share such a token are compared.
     """
     n = len(token_sets)
-    uf = _UnionFind(n)
+    edges: list[tuple[int, int]] = []
     freq: dict[str, int] = defaultdict(int)
     for tokens in token_sets:
         for tok in tokens:
@@ -136,8 +141,8 @@ def near_duplicate_components(token_sets: Sequence[frozenset[str]], threshold: f
                 continue
             inter = len(tokens & other)
             if inter >= threshold * (len(tokens) + len(other) - inter):
-                uf.union(i, j)
-    return [uf.find(i) for i in range(n)]
+                edges.append((i, j))
+    return connected_anchors(n, edges)
 
 
 def assign_groups(records: Sequence[Record], threshold: float = JACCARD_THRESHOLD) -> list[Record]:
@@ -147,25 +152,20 @@ def assign_groups(records: Sequence[Record], threshold: float = JACCARD_THRESHOL
     stable across runs and independent of row order within the input's components.
     """
     token_sets = [content_tokens(r.prompt + (" " + r.response if r.response else "")) for r in records]
-    comps = near_duplicate_components(token_sets, threshold)
-    uf = _UnionFind(len(records))
-    for i, c in enumerate(comps):
-        uf.union(i, c)
+    edges = list(enumerate(near_duplicate_components(token_sets, threshold)))
     by_given: dict[str, int] = {}
     for i, r in enumerate(records):
         if r.group is not None:
-            if r.group in by_given:
-                uf.union(i, by_given[r.group])
-            else:
-                by_given[r.group] = i
+            edges.append((i, by_given.setdefault(r.group, i)))
+    roots = connected_anchors(len(records), edges)
     members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(records)):
-        members[uf.find(i)].append(i)
+    for i, root in enumerate(roots):
+        members[root].append(i)
     names: dict[int, str] = {}
     for root, idx in members.items():
         anchor = min(_dedupe_key(records[i]) for i in idx)
         names[root] = "g" + hashlib.sha256(anchor.encode("utf-8")).hexdigest()[:12]
-    return [replace(r, group=names[uf.find(i)]) for i, r in enumerate(records)]
+    return [replace(r, group=names[root]) for r, root in zip(records, roots)]
 
 
 def _unit_hash(text: str) -> float:
