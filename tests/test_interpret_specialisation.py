@@ -100,6 +100,34 @@ def test_mutual_information_basics():
     assert mutual_information(np.array([]), np.array([])) == 0.0
 
 
+def _mi_bits_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """The plug-in MI formula ``mutual_information`` used before it delegated to scikit-learn."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float(max(0.0, (joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum()))
+
+
+def test_mutual_information_equals_the_hand_formula():
+    rng = np.random.default_rng(0)
+    for n, ka, kb in [(1, 1, 1), (7, 2, 3), (100, 2, 10), (500, 5, 10), (2000, 2, 2)]:
+        a = rng.integers(0, ka, n).astype(bool) if ka == 2 else rng.integers(0, ka, n)
+        b = rng.normal(size=n).round(1) if kb == 10 else rng.integers(0, kb, n)
+        b = np.where(rng.random(n) < 0.5, a, b) if kb == 10 else b  # some dependence
+        assert abs(mutual_information(a, b) - _mi_bits_by_hand(a, b)) <= 1e-9
+    margins = rng.normal(size=(300, 3))
+    indicators = rng.random((300, 2)) < 0.3
+    margins[:, 0] += 2.0 * indicators[:, 0]
+    expected = np.array(
+        [[_mi_bits_by_hand(ind, quantile_bins(m, 10)) for m in margins.T] for ind in indicators.T]
+    )
+    np.testing.assert_allclose(mi_matrix(indicators, margins), expected, rtol=0, atol=1e-9)
+
+
 def test_quantile_bins_merge_ties():
     assert len(set(quantile_bins(np.full(50, 3.0), 10).tolist())) == 1
     assert len(set(quantile_bins(np.arange(100.0), 10).tolist())) == 10

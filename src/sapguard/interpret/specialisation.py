@@ -14,6 +14,7 @@ MI is reported in bits.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import mutual_info_score
 
 from sapguard.data.records import Record
 from sapguard.errors import SapError
@@ -58,17 +60,16 @@ def quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
-    """MI in bits between two discrete label arrays of equal length (0 for empty input)."""
+    """MI in bits between two discrete label arrays of equal length (0 for empty input).
+
+    ``sklearn.metrics.mutual_info_score`` (natural log) converted to bits; labels may be of any
+    type ``np.unique`` sorts (bool, int, float, str).
+    """
     if len(a) == 0:
         return 0.0
     _, ia = np.unique(a, return_inverse=True)
     _, ib = np.unique(b, return_inverse=True)
-    joint = np.zeros((ia.max() + 1, ib.max() + 1))
-    np.add.at(joint, (ia, ib), 1.0)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float(max(0.0, (joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum()))
+    return float(mutual_info_score(ia.ravel(), ib.ravel())) / math.log(2)
 
 
 def mi_matrix(
