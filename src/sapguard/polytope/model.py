@@ -120,6 +120,12 @@ class SafetyPolytope(nn.Module):
         return self.margins(h).max(dim=-1).values
 
     # Detection, steering and persistence live in their own modules; bound here for convenience.
+    # scan/steer import their consumers lazily (an arrow up from the core model, allow-listed in
+    # tests/test_architecture.py): prefer ``sapguard.detect.scan(poly, ...)`` and
+    # ``sapguard.steer.hook.steer(model, poly, ...)``; the methods go once README.md, detect.py's
+    # docstring and the model card written by polytope/artifact.py stop calling ``poly.scan``.
+    # save_pretrained/from_pretrained import polytope.artifact lazily because artifact imports this
+    # module at load time (a same-package cycle otherwise).
     def scan(self, texts: Any, lm: Any = None, **kwargs: Any) -> Any:
         """Verdicts for texts; see :func:`sapguard.detect.scan`."""
         from sapguard.detect import scan
