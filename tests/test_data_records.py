@@ -113,8 +113,9 @@ def test_near_duplicates_share_a_group_and_given_groups_are_kept_together() -> N
 
 
 def test_split_by_group_is_deterministic_stratified_and_never_straddles() -> None:
-    rows = [Record(f"safe question number {i} about topic {i % 37}", is_safe=True) for i in range(300)]
-    rows += [Record(f"harmful request {i} kind {i % 23}", is_safe=False) for i in range(200)]
+    # distinct content words per row (Jaccard 0.25 between rows), so every row is its own group
+    rows = [Record(f"safe question alpha{i} beta{i} gamma{i}", is_safe=True) for i in range(300)]
+    rows += [Record(f"harmful request delta{i} eps{i} zeta{i}", is_safe=False) for i in range(200)]
     out = split_by_group(rows, seed=0)
     assert out == split_by_group(list(rows), seed=0)
     assert sorted(split_by_group(list(reversed(rows))), key=lambda r: r.prompt) == sorted(out, key=lambda r: r.prompt)

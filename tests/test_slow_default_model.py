@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sapguard.data.default_corpus import build_default_corpus
-from sapguard.demo import DEMO_MAX_LENGTH, DEMO_ROWS, demo_sample, shipped_representation
+from sapguard.demo import DEMO_MAX_LENGTH, demo_sample, shipped_representation
 from sapguard.evaluate import evaluate
 from sapguard.features.extract import extract_to_dir
 from sapguard.features.hooks import LayerReader, left_pad
@@ -51,7 +51,7 @@ def test_layer_20_is_hidden_states_20(lm):
 
 def test_pipeline_detects_and_keeps_edgy_benign_safe(lm, tmp_path):
     layer, policy = shipped_representation()
-    records = demo_sample(build_default_corpus(), DEMO_ROWS)
+    records = demo_sample(build_default_corpus(), 1000)
     features = extract_to_dir(lm, records, tmp_path / "features", layer, policy=policy, max_length=DEMO_MAX_LENGTH)
     poly = train_from_features(features)
     poly.save_pretrained(tmp_path / "poly")

@@ -20,7 +20,7 @@ from sapguard.polytope.artifact import default_polytope
 
 logger = logging.getLogger(__name__)
 
-DEMO_ROWS = 2400
+DEMO_ROWS = 1600
 """Texts the demo trains on (a deterministic sample of the default corpus, every source and wrapper
 family kept), so that ``make demo`` stays within a few minutes on 2 CPU cores. The shipped
 detector (``sap detect`` default) is trained on the whole corpus by benchmarks/train_default_detector.py."""
