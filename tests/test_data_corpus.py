@@ -87,7 +87,7 @@ def test_labels_categories_and_provenance(corpus: list[Record]) -> None:
     sources = {s.name: s for s in CORPUS_SOURCES}
     for r in corpus:
         assert r.source in sources and r.response is None
-        assert "{{" not in r.prompt  # no bare or unfilled template
+        assert "{{ prompt }}" not in r.prompt  # no bare or unfilled template
         if r.is_safe:
             assert r.categories == ()
         else:
