@@ -110,7 +110,12 @@ def test_models_health_and_metrics(live: Live) -> None:
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["ready"] is True
         live.client().chat.completions.create(model=MODEL, messages=user(PROMPT), max_tokens=3, temperature=0)
+        # the batch histogram is observed just after the batch's last response is sent: poll briefly
+        deadline = time.monotonic() + 5.0
         text = http.get("/metrics").text
+        while "sapguard_batch_size_bucket" not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = http.get("/metrics").text
     for name in ("sapguard_requests_total", "sapguard_request_latency_seconds_bucket", "sapguard_generated_tokens_total",
                  "sapguard_queue_depth", "sapguard_facet_firings_total", "sapguard_batch_size_bucket"):
         assert name in text
