@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (pinned so pip never pulls a multi-GB CUDA build on CPU machines).
 TORCH ?= torch==2.13.0
 
-.PHONY: install fetch demo test test-fast bench clean
+.PHONY: install fetch demo test test-fast lint bench clean
 
 $(BIN)/sap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff and mypy over src/ (configured in pyproject.toml).
+lint: install
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
