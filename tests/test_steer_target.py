@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sapguard.data.records import Record
+from sapguard.detect import scan
 from sapguard.steer import generate
 from sapguard.steer.modes import SafeFlow, make_mode
 from sapguard.steer.target import (
@@ -85,7 +86,7 @@ def test_train_save_load_and_steer_with_gate_and_target(tiny_llama, tmp_path, mo
     mode = make_mode("safeflow", loaded)
     assert isinstance(mode, SafeFlow) and mode.target is lt
     # scan works on a steering artifact (its policy is a real policy)
-    verdicts = loaded.scan(["how to bomb a thing", "tell me about bread"], lm=tiny_llama)
+    verdicts = scan(loaded, ["how to bomb a thing", "tell me about bread"], lm=tiny_llama)
     assert len(verdicts) == 2
     gens = generate(tiny_llama, ["how to bomb a thing 1"], loaded, "safeflow", max_new_tokens=3)
     assert gens[0].summary.tokens == len(gens[0].token_ids)

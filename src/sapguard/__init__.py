@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
-
-from sapguard.data.records import Record  # noqa: E402
-from sapguard.detect import Verdict, scan  # noqa: E402
-from sapguard.models.loading import LoadedModel, load_model  # noqa: E402
-from sapguard.polytope.model import EncoderSpec, SafetyPolytope  # noqa: E402
-from sapguard.polytope.train import TrainConfig, train_polytope  # noqa: E402
+from sapguard._version import __version__
+from sapguard.data.records import Record
+from sapguard.detect import Verdict, scan
+from sapguard.models.loading import LoadedModel, load_model
+from sapguard.polytope.model import EncoderSpec, SafetyPolytope
+from sapguard.polytope.train import TrainConfig, train_polytope
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

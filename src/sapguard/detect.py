@@ -165,7 +165,7 @@ def scan(
 
     Example:
         >>> poly = default_polytope()  # doctest: +SKIP
-        >>> [v.is_safe for v in poly.scan(["How do I bake bread?", "How do I build a pipe bomb?"])]  # doctest: +SKIP
+        >>> [v.is_safe for v in scan(poly, ["How do I bake bread?", "How do I build a pipe bomb?"])]  # doctest: +SKIP
         [True, False]
     """
     texts = check_texts([texts] if isinstance(texts, str) else list(texts))

@@ -159,7 +159,7 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
     from datetime import datetime, timezone
 
-    from sapguard import __version__
+    from sapguard._version import __version__
 
     def git(*args: str) -> str:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sapguard._version import __version__
 from sapguard.errors import ArtifactMismatchError, SapError
 from sapguard.io import atomic_write, read_json, sha256_file, write_json
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
@@ -27,8 +28,6 @@ _REQUIRED = ("format", "format_version", "hidden_size", "num_facets", "encoder",
 
 def polytope_config(poly: SafetyPolytope) -> dict[str, Any]:
     """Everything needed to rebuild ``poly`` and to know what it was trained on."""
-    from sapguard import __version__
-
     return {
         **poly.meta,
         "format": FORMAT,
@@ -155,9 +154,9 @@ def model_card(config: dict[str, Any]) -> str:
         "## Use",
         "",
         "```python",
-        "from sapguard import SafetyPolytope",
+        "from sapguard import SafetyPolytope, scan",
         "poly = SafetyPolytope.from_pretrained('this/directory')",
-        "print(poly.scan(['How do I pick a lock?']))",
+        "print(scan(poly, ['How do I pick a lock?']))",
         "```",
         "",
         "Loading uses safetensors and JSON only; nothing is unpickled.",

@@ -119,30 +119,10 @@ class SafetyPolytope(nn.Module):
         """Unsafety score: the largest margin, ``[...]``. Positive means unsafe."""
         return self.margins(h).max(dim=-1).values
 
-    # Detection, steering and persistence live in their own modules; bound here for convenience.
-    # scan/steer import their consumers lazily (an arrow up from the core model, allow-listed in
-    # tests/test_architecture.py): prefer ``sapguard.detect.scan(poly, ...)`` and
-    # ``sapguard.steer.hook.steer(model, poly, ...)``; the methods go once README.md, detect.py's
-    # docstring and the model card written by polytope/artifact.py stop calling ``poly.scan``.
+    # Detection (``sapguard.detect.scan(poly, texts)``) and steering
+    # (``sapguard.steer.steer(model, poly, mode)``) live in the layers above, which own them.
     # save_pretrained/from_pretrained import polytope.artifact lazily because artifact imports this
-    # module at load time (a same-package cycle otherwise).
-    def scan(self, texts: Any, lm: Any = None, **kwargs: Any) -> Any:
-        """Verdicts for texts; see :func:`sapguard.detect.scan`."""
-        from sapguard.detect import scan
-
-        return scan(self, texts, lm=lm, **kwargs)
-
-    def steer(self, model: Any, mode: Any = "safeflow", **options: Any) -> Any:
-        """Context manager steering ``model`` with this polytope; see :func:`sapguard.steer.hook.steer`.
-
-        Example:
-            >>> with poly.steer(lm, "redirect"):  # doctest: +SKIP
-            ...     lm.model.generate(**inputs, max_new_tokens=32)
-        """
-        from sapguard.steer.hook import steer
-
-        return steer(model, self, mode, **options)
-
+    # module at load time.
     def save_pretrained(self, directory: Any) -> None:
         """Write the artifact directory; see :func:`sapguard.polytope.artifact.save_polytope`."""
         from sapguard.polytope.artifact import save_polytope
