@@ -95,3 +95,20 @@ def test_violation_shapes_and_margins():
     poly.offset.fill_(0.5)
     assert torch.allclose(poly.margins(h), poly(h) - 0.5)
     assert torch.allclose(poly.score(h), (poly(h) - 0.5).max(dim=-1).values)
+
+
+def test_batched_readings_equal_one_pass_over_all_rows():
+    """raw_scores, facet_assignments and polytope_margins read rows in batches; same numbers as one pass."""
+    from sapguard.interpret.specialisation import polytope_margins
+    from sapguard.polytope.train import facet_assignments, raw_scores
+
+    poly = SafetyPolytope(6, 3, EncoderSpec("mlp", width=10, depth=1))
+    poly.offset.fill_(0.25)
+    x = torch.randn(4096 + 905, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        v = poly(x)
+    assert np.allclose(raw_scores(poly, x), v.max(dim=1).values.numpy(), atol=1e-6)
+    assert np.array_equal(facet_assignments(poly, x), v.argmax(dim=1).numpy())
+    margins = polytope_margins(poly, x)
+    assert margins.dtype == np.float32 and np.allclose(margins, (v - 0.25).numpy(), atol=1e-6)
+    assert raw_scores(poly, x[:0]).shape == (0,) and polytope_margins(poly, x[:0]).shape == (0, 3)

@@ -15,7 +15,7 @@ from sapguard.models.loading import LoadedModel, load_model
 from sapguard.errors import SapError
 from sapguard.features.policies import POLICIES
 from sapguard.polytope.artifact import check_compatible
-from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.model import SafetyPolytope, read_in_batches
 
 
 DEFAULT_WINDOW = 1024
@@ -107,16 +107,14 @@ def margins_for(
         lm, records, int(poly.meta.get("layer", -1)), policy=policy, template=poly.meta.get("template", "auto"),
         batch_size=batch_size, show_progress=show_progress,
     )
-    with torch.no_grad():
-        row_margins = poly.margins(feats.to(next(poly.parameters()).device)).cpu()
+    row_margins = read_in_batches(poly, feats)
     out = torch.full((len(records), poly.num_facets), float("-inf"))
     out.scatter_reduce_(0, index[:, None].expand_as(row_margins), row_margins, reduce="amax")
     missing = torch.isinf(out).all(dim=1)
     if missing.any():  # a response too short to read: fall back to the prompt
         sub = [records[i] for i in missing.nonzero().flatten().tolist()]
         feats, _, _ = extract_features(lm, sub, int(poly.meta["layer"]), policy="last_prompt", template=poly.meta.get("template", "auto"))
-        with torch.no_grad():
-            out[missing] = poly.margins(feats).cpu()
+        out[missing] = read_in_batches(poly, feats)
     return out
 
 

@@ -26,7 +26,7 @@ from sklearn.metrics import mutual_info_score
 
 from sapguard.data.records import Record
 from sapguard.errors import SapError
-from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.model import BATCH_ROWS, SafetyPolytope, read_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +168,11 @@ def chance_level(
     return float(np.quantile(np.concatenate([n.ravel() for n in null]), 0.95))
 
 
-@torch.no_grad()
-def polytope_margins(poly: SafetyPolytope, x: torch.Tensor, batch: int = 4096) -> np.ndarray:
+def polytope_margins(poly: SafetyPolytope, x: torch.Tensor, batch: int = BATCH_ROWS) -> np.ndarray:
     """Per-facet margins ``[rows, K]`` of feature rows (positive: the facet fires)."""
     if len(x) == 0:
         return np.zeros((0, poly.num_facets), dtype=np.float32)
-    return torch.cat([poly.margins(x[i : i + batch].float()) for i in range(0, len(x), batch)]).cpu().numpy()
+    return read_in_batches(poly, x.float(), batch_size=batch).numpy()
 
 
 def analyse_specialisation(

@@ -135,3 +135,37 @@ class SafetyPolytope(nn.Module):
         from sapguard.polytope.artifact import load_polytope
 
         return load_polytope(directory)
+
+
+BATCH_ROWS = 4096
+"""Feature rows read in one pass by :func:`read_in_batches`."""
+
+
+@torch.no_grad()
+def read_in_batches(
+    poly: SafetyPolytope, x: torch.Tensor, *, margins: bool = True, batch_size: int = BATCH_ROWS
+) -> torch.Tensor:
+    """Per-facet margins (or, with ``margins=False``, raw violations) of feature rows, batch by batch.
+
+    The one loop that reads many feature rows through a polytope (training, calibration, facet
+    analysis, detection): no gradients, each batch moved to the polytope's device, the result on
+    the CPU.
+
+    Args:
+        poly: The polytope.
+        x: Feature rows ``[n, d]``.
+        margins: Subtract the calibrated offset (``v_k - offset``, positive fires) or not (``v_k``).
+        batch_size: Rows per pass.
+
+    Returns:
+        ``[n, K]`` float tensor on the CPU.
+
+    Example:
+        >>> poly = SafetyPolytope(4, 2, EncoderSpec("identity"))
+        >>> read_in_batches(poly, torch.zeros(3, 4)).shape
+        torch.Size([3, 2])
+    """
+    device = poly.phi.device
+    read = poly.margins if margins else poly
+    out = [read(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros((0, poly.num_facets), dtype=poly.phi.dtype)

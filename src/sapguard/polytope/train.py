@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sapguard.data.records import Record
 from sapguard.errors import SapError
-from sapguard.polytope.model import EncoderSpec, SafetyPolytope
+from sapguard.polytope.model import BATCH_ROWS, EncoderSpec, SafetyPolytope, read_in_batches
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ def polytope_loss(
     return loss
 
 
-@torch.no_grad()
-def raw_scores(poly: SafetyPolytope, x: torch.Tensor, batch: int = 4096) -> np.ndarray:
+def raw_scores(poly: SafetyPolytope, x: torch.Tensor, batch: int = BATCH_ROWS) -> np.ndarray:
     """``max_k v_k`` for each row (before the offset)."""
     poly.eval()
-    out = [poly(x[i : i + batch]).max(dim=1).values for i in range(0, len(x), batch)]
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    if len(x) == 0:
+        return np.zeros(0)
+    return read_in_batches(poly, x, margins=False, batch_size=batch).max(dim=1).values.numpy()
 
 
 def calibrate_offset(safe_scores: np.ndarray, target_fpr: float) -> float:
@@ -265,10 +265,9 @@ def _calibrate(poly: SafetyPolytope, x_val: torch.Tensor, y_val: np.ndarray, tar
     }
 
 
-@torch.no_grad()
 def facet_assignments(poly: SafetyPolytope, x: torch.Tensor) -> np.ndarray:
     """Most violated facet per row."""
-    return np.concatenate([poly(x[i : i + 4096]).argmax(dim=1).cpu().numpy() for i in range(0, len(x), 4096)])
+    return read_in_batches(poly, x, margins=False).argmax(dim=1).numpy()
 
 
 def name_facets(poly: SafetyPolytope, x: torch.Tensor, y: np.ndarray, records: Sequence[Record]) -> None:
