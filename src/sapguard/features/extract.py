@@ -115,6 +115,25 @@ def run_batch(
     return feats, index, positions
 
 
+def read_batches(
+    reader: LayerReader, lm: LoadedModel, batches: Sequence[list[Encoded]], policy: str, bar: Any = None
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The extraction loop: run every batch, concatenate the rows; ``bar`` (tqdm) counts texts.
+
+    Returns:
+        ``(features [rows, d] float32, record index per row, position per row)`` in batch order.
+    """
+    feats, index, pos = [], [], []
+    for batch in batches:
+        f, i, p = run_batch(reader, lm, batch, policy in POOLED)
+        feats.append(f)
+        index.extend(i)
+        pos.extend(p)
+        if bar is not None:
+            bar.update(len(batch))
+    return (torch.cat(feats) if feats else torch.zeros(0, lm.hidden_size)), index, pos
+
+
 def extract_features(
     lm: LoadedModel,
     records: Sequence[Record],
@@ -144,14 +163,11 @@ def extract_features(
     template = resolve_template(lm.tokenizer, template)
     encoded = encode_records(lm, records, policy, template, max_length)
     batches = length_sorted_batches(encoded, batch_size, max_batch_tokens)
-    feats, index, pos = [], [], []
-    with LayerReader(lm.model, layer, stop=True) as reader:
-        for batch in tqdm(batches, desc="extract", unit="batch", disable=not show_progress):
-            f, i, p = run_batch(reader, lm, batch, policy in POOLED)
-            feats.append(f)
-            index.extend(i)
-            pos.extend(p)
-    features = torch.cat(feats) if feats else torch.zeros(0, lm.hidden_size)
+    with (
+        LayerReader(lm.model, layer, stop=True) as reader,
+        tqdm(total=len(encoded), desc="extract", unit="text", disable=not show_progress) as bar,
+    ):
+        features, index, pos = read_batches(reader, lm, batches, policy, bar)
     record_index = torch.tensor(index, dtype=torch.long)
     position = torch.tensor(pos, dtype=torch.long)
     order = torch.argsort(record_index * (max_length + 1) + position, stable=True)
@@ -235,18 +251,13 @@ def extract_to_dir(
     bar = tqdm(total=len(encoded), initial=done, desc="extract", unit="text", disable=not show_progress)
     with LayerReader(lm.model, layer, stop=True) as reader:
         for number in range(len(shards), len(chunks)):
-            feats, index, pos = [], [], []
-            for batch in length_sorted_batches(chunks[number], batch_size, MAX_BATCH_TOKENS):
-                f, i, p = run_batch(reader, lm, batch, policy in POOLED)
-                feats.append(f)
-                index.extend(i)
-                pos.extend(p)
-                bar.update(len(batch))
+            batches = length_sorted_batches(chunks[number], batch_size, MAX_BATCH_TOKENS)
+            feats, index, pos = read_batches(reader, lm, batches, policy, bar)
             name = f"shard-{number:05d}.safetensors"
             tmp = atomic_tmp_path(out / name)
             save_file(
                 {
-                    "features": torch.cat(feats).contiguous(),
+                    "features": feats.contiguous(),
                     "record_index": torch.tensor(index, dtype=torch.long),
                     "position": torch.tensor(pos, dtype=torch.long),
                 },
