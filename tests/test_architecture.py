@@ -9,7 +9,7 @@ Layers, lowest first (a module may import its own layer and the ones below, neve
     polytope
     evaluate, detect, steer, interpret          (consumers of the polytope)
     bench
-    serve
+    serve, engines
     pipeline, demo
     cli
     sapguard/__init__.py                        (the public facade re-exports from every layer)
@@ -38,7 +38,7 @@ LAYERS: list[set[str]] = [
     {"polytope"},
     {"evaluate", "detect", "steer", "interpret"},
     {"bench"},
-    {"serve"},
+    {"serve", "engines"},  # engines: serving-engine backends (vLLM), beside our own server
     {"pipeline", "demo"},
     {"cli"},
     {""},  # sapguard/__init__.py

@@ -1,0 +1,88 @@
+"""Same numbers as the transformers path: features, verdicts, greedy (steered) generations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sapguard.detect import scan
+from sapguard.engines.flat import load_guard_polytope
+from sapguard.engines.vllm import VLLMGuard
+from sapguard.features.hooks import LayerReader
+from sapguard.models.loading import load_model
+from sapguard.steer.generate import generate
+
+from .conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("default")
+
+
+def test_features_match_transformers_at_every_prompt_position(llm, lm):
+    """vLLM's (hidden_states + residual) at block 18 equals transformers' hidden_states[18]."""
+    from sapguard.polytope.artifact import default_polytope
+
+    poly = default_polytope()
+    with VLLMGuard(llm, "default") as guard:
+        feats = guard.features(PROMPTS, positions="prompt")
+        for prompt, f in zip(PROMPTS, feats):
+            ids = guard.encode(prompt)
+            with LayerReader(lm.model, 18, stop=True) as reader:
+                h = reader.run(input_ids=torch.tensor([ids]))[0]
+            assert f.shape == h.shape == (len(ids), 576)
+            diff = (f - h).abs()
+            # fp32, two different kernels (vLLM's CPU attention and fused RMSNorm vs transformers'
+            # eager): every element within 1e-4 of the state's own scale, |f - h| <= 1e-4 (1 + |h|).
+            # The first position carries a ~2.5e4 "massive activation" (one fp32 ulp there is
+            # ~2e-3), so a purely absolute 1e-4 cannot hold on it.
+            assert float((diff / (1 + h.abs())).max()) <= 1e-4
+            assert float(diff.median()) <= 1e-5
+            margins = poly.margins(torch.stack([f, h]))
+            assert float((margins[0] - margins[1]).abs().max()) <= 1e-3
+
+
+def test_verdicts_match_scan(llm, lm):
+    from sapguard.polytope.artifact import default_polytope
+
+    with VLLMGuard(llm, "default") as guard:
+        got = guard.scan(PROMPTS)
+    want = scan(default_polytope(), PROMPTS, lm=lm)
+    for g, w in zip(got, want):
+        assert g.is_safe == w.is_safe
+        assert g.score == pytest.approx(w.score, abs=1e-3)
+        assert g.violated == w.violated
+    assert [g.is_safe for g in got] == [True, False, True, False]
+
+
+def test_greedy_identical_when_no_edit_fires(llm):
+    with VLLMGuard(llm, "default", mode="detect") as guard:
+        hooked = guard.generate(PROMPTS, max_tokens=12)
+        params = guard.sampling_params(max_tokens=12, temperature=0.0)
+        inputs = [{"prompt_token_ids": guard.encode(p)} for p in PROMPTS]
+    assert all(o.record["edited_tokens"] == 0 for o in hooked)
+    plain = llm.generate(inputs, params, use_tqdm=False)
+    assert [o.token_ids for o in hooked] == [list(p.outputs[0].token_ids) for p in plain]
+
+
+@pytest.mark.parametrize("mode", ["safeflow", "redirect"])
+def test_steered_greedy_matches_transformers(llm, lm, mode):
+    """The shipped steering artifact (gate + target, layer 20): token for token where edits agree."""
+    prompts = PROMPTS[:2]
+    with VLLMGuard(llm, "steering", mode=mode) as guard:
+        got = guard.generate(prompts, max_tokens=16)
+    want = generate(lm, prompts, load_guard_polytope("steering"), mode=mode, max_new_tokens=16, batch_size=1)
+    assert [o.token_ids for o in got] == [w.token_ids for w in want]
+    assert got[0].record["edited_tokens"] == 0  # benign: the gate does not fire
+    assert got[1].record["edited_tokens"] == want[1].summary.edited_tokens > 0
+
+
+def test_modes_per_request_in_one_batch(llm):
+    with VLLMGuard(llm, "default", mode="detect") as guard:
+        outs = guard.generate(PROMPTS, max_tokens=10, modes=["refuse", "refuse", "off", None])
+    assert outs[0].refused is False and outs[0].verdict.is_safe
+    assert outs[1].refused is True and outs[1].text == "I can't help with that request."
+    assert outs[2].mode == "off" and outs[2].verdict is None
+    assert outs[3].mode == "detect" and not outs[3].verdict.is_safe
+    assert outs[3].record["token_scores"][0][0] == 0  # per generated token scores, g = 0 first
