@@ -49,10 +49,17 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _RELATION_NAME = re.compile(r"\bmy ([a-z-]+(?: [a-z-]+)?), [A-Z][A-Za-z'-]+")
 
 
+def words(text: str) -> list[str]:
+    """The one word tokeniser of sapguard: NFKC, case-folded, runs of letters and digits.
+
+    Used for de-duplication keys, near-duplicate groups and the bench's on-topic check.
+    """
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
 def normalize_text(text: str) -> str:
     """Lower-case, NFKC, words only, single spaces: the de-duplication key of a text."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_WORD.findall(text))
+    return " ".join(words(text))
 
 
 def _dedupe_key(record: Record) -> str:
@@ -85,10 +92,9 @@ def dedupe(records: Sequence[Record]) -> list[Record]:
 
 def content_tokens(text: str) -> frozenset[str]:
     """The content-word set used for near-duplicate detection."""
-    text = _RELATION_NAME.sub("my person", unicodedata.normalize("NFKC", text))
-    words = _WORD.findall(text.casefold())
-    tokens = frozenset(w for w in words if w not in STOP_WORDS)
-    return tokens or frozenset(words)
+    found = words(_RELATION_NAME.sub("my person", unicodedata.normalize("NFKC", text)))
+    tokens = frozenset(w for w in found if w not in STOP_WORDS)
+    return tokens or frozenset(found)
 
 
 def connected_anchors(n: int, edges: Iterable[tuple[int, int]]) -> list[int]:
