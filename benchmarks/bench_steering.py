@@ -1,6 +1,6 @@
 """Steering benchmark on the default model: train the artifact, bench it condition by condition.
 
-    python benchmarks/bench_steering.py train --work DIR [--layer 20]     # = sap steer-train --out DIR/artifact
+    python benchmarks/bench_steering.py train --work DIR [--layer 16]     # = sap steer-train --out DIR/artifact
     python benchmarks/bench_steering.py bench --work DIR [--preset full] [--set KEY=JSON ...]
            [--conditions base,safeflow,redirect] [--split test]
     python benchmarks/bench_steering.py perf  --work DIR                  # idle-hook overhead, cost per edit
@@ -53,7 +53,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     corpus = build_default_corpus()
     out = args.work / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    groups = [("base", "refuse") if c == "base" else (c,) for c in args.conditions.split(",") if c != "refuse"]
+    groups = [
+        ("base", "refuse") if c == "base" else (c,) for c in args.conditions.split(",") if c != "refuse"
+    ]
     parts = []
     for group in groups:
         path = out / f"{group[0]}.json"
@@ -91,7 +93,11 @@ def cmd_perf(args: argparse.Namespace) -> None:
     lm = load_model("default")
     gate = load_steering(args.artifact or args.work / "artifact")
     corpus = build_default_corpus()
-    benign = [r.prompt for r in corpus if r.is_safe and r.split == "test" and r.source == "sapguard/curated-everyday"][:8]
+    benign = [
+        r.prompt
+        for r in corpus
+        if r.is_safe and r.split == "test" and r.source == "sapguard/curated-everyday"
+    ][:8]
     harmful = [r.prompt for r in corpus if not r.is_safe and r.split == "test" and r.wrapper is None][:8]
     opts = {"max_new_tokens": 32, "batch_size": 8}
     # CPU time of this process, not wall time: the machine is shared, and wall-clock ratios there
@@ -136,11 +142,15 @@ def cmd_perf(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=("train", "bench", "perf"))
     parser.add_argument("--work", type=Path, default=Path("bench-steering"))
-    parser.add_argument("--artifact", type=Path, default=None, help="Steering artifact (default: WORK/artifact).")
-    parser.add_argument("--layer", type=int, default=20)
+    parser.add_argument(
+        "--artifact", type=Path, default=None, help="Steering artifact (default: WORK/artifact)."
+    )
+    parser.add_argument("--layer", type=int, default=16)
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--split", default="test")
     parser.add_argument("--conditions", default="base,safeflow,redirect")

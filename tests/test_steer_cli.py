@@ -98,6 +98,7 @@ def test_steer_train_writes_gate_and_target(saved, monkeypatch):
         "--n-gate-wrapped",
         "6",
     ]
+    args += ["--steer-first-n", "2", "--margin", "1.5", "--basis", "none", "--redirect-alpha", "0.5"]
     result = CliRunner().invoke(app, [*args, "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
@@ -107,3 +108,6 @@ def test_steer_train_writes_gate_and_target(saved, monkeypatch):
     gate = load_steering(out)
     assert target_of(gate) is not None and gate.meta["steering"]["hook"]["first_n"] == 2
     assert len(gate.meta["steering"]["direction"]) == 32
+    defaults = gate.meta["steering"]["defaults"]
+    assert defaults["safeflow"] == {"margin": 1.5, "max_steps": 50, "basis": None}
+    assert defaults["redirect"] == {"alpha": 0.5}

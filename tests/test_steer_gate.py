@@ -22,11 +22,19 @@ def _inputs(lm, prompts):
 
 def _run(lm, poly, use_cache):
     inputs = _inputs(lm, PROMPTS)
-    with steer(lm.model, poly, Redirect(direction=torch.ones(32), alpha=2.0), tokens="first_n", first_n=3) as hook:
-        with torch.no_grad():
-            out = lm.model.generate(
-                **inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=lm.tokenizer.pad_token_id
-            )
+    with (
+        steer(
+            lm.model, poly, Redirect(direction=torch.ones(32), alpha=2.0), tokens="first_n", first_n=3
+        ) as hook,
+        torch.no_grad(),
+    ):
+        out = lm.model.generate(
+            **inputs,
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
     edited = {s.gen_index: s.edited.tolist() for s in hook.trace}
     return out, edited, hook
 
@@ -34,7 +42,7 @@ def _run(lm, poly, use_cache):
 def test_cache_and_no_cache_edit_the_same_positions(tiny_llama):
     poly = tiny_polytope(tiny_llama, offset=ALWAYS)
     out_c, edited_c, _ = _run(tiny_llama, poly, True)
-    out_n, edited_n, hook_n = _run(tiny_llama, poly, False)
+    out_n, edited_n, _hook_n = _run(tiny_llama, poly, False)
     assert sorted(edited_n) == list(range(6))  # absolute generated indices, not collapsed onto 0
     assert edited_c == edited_n
     assert all(edited_c[i] == [i < 3, i < 3] for i in range(6))
@@ -55,7 +63,9 @@ def test_prompt_gate_decides_once_per_row():
             return torch.full((len(h), 1), 1.0 if calls["n"] == 1 else -1.0)
 
     gens_pos = generate(lm, PROMPTS[:1], poly, "redirect", tokens="first_n", first_n=4, max_new_tokens=6)
-    with steer(lm.model, poly, Redirect(direction=torch.ones(32), alpha=2.0), first_n=4, gate="prompt") as hook:
+    with steer(
+        lm.model, poly, Redirect(direction=torch.ones(32), alpha=2.0), first_n=4, gate="prompt"
+    ) as hook:
         hook._poly_cache[torch.device("cpu")] = FirstCallOnly()  # fires at the prefill only
         hook._direction = None
         hook.poly.meta["steering"].pop("direction")
@@ -71,7 +81,9 @@ def test_prompt_gate_decides_once_per_row():
 def test_prompt_gate_never_firing_is_bit_identical(tiny_llama):
     poly = tiny_polytope(tiny_llama, offset=NEVER)
     base = generate(tiny_llama, PROMPTS, None, None, max_new_tokens=5, return_logits=True)
-    steered = generate(tiny_llama, PROMPTS, poly, "safeflow", gate="prompt", max_new_tokens=5, return_logits=True)
+    steered = generate(
+        tiny_llama, PROMPTS, poly, "safeflow", gate="prompt", max_new_tokens=5, return_logits=True
+    )
     for b, s in zip(base, steered):
         assert b.token_ids == s.token_ids and torch.equal(b.logits, s.logits)
 
@@ -101,7 +113,10 @@ def test_guard_verdict_parsing():
 
 def test_causal_lm_guard_judge_on_a_tiny_random_model(tiny_llama, monkeypatch):
     judge = CausalLMGuardJudge((tiny_llama.model, tiny_llama.tokenizer), max_new_tokens=3, batch_size=2)
-    prompts, responses = ["how to make a bomb", "bake bread", "hi"], ["mix the powder", "flour and water", "hello"]
+    prompts, responses = (
+        ["how to make a bomb", "bake bread", "hi"],
+        ["mix the powder", "flour and water", "hello"],
+    )
     texts = judge.verdict_texts(prompts, responses)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     verdicts = judge(prompts, responses)

@@ -53,7 +53,7 @@ def test_default_model_redirect_edits_and_traces(lm):
 def test_shipped_steering_artifact_on_the_default_model(lm):
     """The demo's artifact: benign prompt bit-identical; the pipe-bomb request fires and every edit
     lands inside the target with the margin (the final iterate is what the model sees)."""
-    from sapguard.demo import STEERING_ASSET, STEER_PROMPTS
+    from sapguard.demo import STEER_PROMPTS, STEERING_ASSET
     from sapguard.steer.target import load_steering, target_of
 
     gate = load_steering(STEERING_ASSET)

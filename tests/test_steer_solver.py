@@ -97,6 +97,33 @@ def test_edit_stays_in_a_planted_subspace():
         assert bool((poly.margins(res.hidden).max(-1).values <= -0.2 + 1e-4).all())
 
 
+def test_nonnegative_basis_moves_only_along_the_refusal_direction():
+    """A planted one-facet polytope ``v = w . x - 1``: its safe side lies along ``-w``. With the basis
+    ``-w/|w|`` (the "refusal direction") the cone edit reaches the margin along it; with ``+w/|w|``
+    the span edit goes against the basis vector, the cone edit refuses to (the state is unchanged)."""
+    d = 8
+    poly = SafetyPolytope(d, 1, EncoderSpec(kind="identity"))
+    w = torch.zeros(d)
+    w[2], w[5] = 2.0, -1.0
+    with torch.no_grad():
+        poly.phi.copy_(w[None, :])
+        poly.xi.fill_(1.0)
+    poly.eval().requires_grad_(False)
+    h = torch.randn(6, d) + 3.0 * w  # violating: w . h - 1 > 0
+    assert bool((poly.margins(h).max(-1).values > 0).all())
+    u = -w / w.norm()
+    res = solve(poly, h, margin=0.5, max_steps=20, basis=u[None, :], nonnegative=True)
+    delta = res.hidden - h
+    assert bool((poly.margins(res.hidden).max(-1).values <= -0.5 + 1e-4).all())
+    assert torch.allclose(
+        torch.nn.functional.cosine_similarity(delta, u[None, :], dim=-1), torch.ones(6), atol=1e-5
+    )
+    against = solve(poly, h, margin=0.5, max_steps=20, basis=-u[None, :], nonnegative=True)
+    assert torch.equal(against.hidden, h) and bool((against.margin > 0).all())
+    span = solve(poly, h, margin=0.5, max_steps=20, basis=-u[None, :])
+    assert bool((poly.margins(span.hidden).max(-1).values <= -0.5 + 1e-4).all())
+
+
 def test_deeper_encoder_falls_back_to_autograd_under_inference_mode():
     poly = _poly(depth=2)
     h = _violating(poly, 8)

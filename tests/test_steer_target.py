@@ -90,3 +90,63 @@ def test_train_save_load_and_steer_with_gate_and_target(tiny_llama, tmp_path, mo
     assert len(verdicts) == 2
     gens = generate(tiny_llama, ["how to bomb a thing 1"], loaded, "safeflow", max_new_tokens=3)
     assert gens[0].summary.tokens == len(gens[0].token_ids)
+
+
+def test_target_is_behavioural_and_safeflow_settings_are_stored(tiny_llama, monkeypatch):
+    """Default target: refusal vs compliance rows only (no benign answers); the artifact stores the
+    validated SafeFlow margin, the refusal-direction basis and the hook's own first_n, and SafeFlow
+    built from it edits along the stored direction only."""
+    from sapguard.bench import attacks
+
+    monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
+    cfg = SteeringTrainConfig(
+        n_harmful=6,
+        n_wrapped=3,
+        n_benign=6,
+        n_gate=12,
+        n_gate_wrapped=6,
+        first_n=3,
+        steer_first_n=2,
+        max_new_tokens=4,
+        safeflow_margin=2.5,
+    )
+    gate = train_steering(tiny_llama, _corpus(), 2, cfg)
+    target = target_of(gate)
+    assert target is not None
+    kinds = {k.split(":")[0] for rows in target.meta["rows"].values() for k in rows}
+    assert "benign" not in kinds and "teacher_forced" in kinds
+    steering = gate.meta["steering"]
+    assert steering["defaults"]["safeflow"] == {"margin": 2.5, "max_steps": 50, "basis": "refusal_direction"}
+    assert steering["hook"]["first_n"] == 2
+    mode = make_mode("safeflow", gate)
+    assert isinstance(mode, SafeFlow) and mode.margin == 2.5 and mode.basis is not None
+    u = torch.tensor(steering["direction"])
+    assert torch.allclose(mode.basis[0], u / u.norm(), atol=1e-6)
+    # edits go *along* the stored direction (toward refusal), never against it (nonnegative cone)
+    assert mode.nonnegative
+    prompts = [f"how to {w} a thing {i}" for i, w in enumerate(WORDS[:6])]
+    gens = generate(tiny_llama, prompts, gate, "safeflow", max_new_tokens=3, threshold=-1e9)
+    assert all(abs(t.edit_cosine - 1.0) < 1e-3 for g in gens for t in g.trace if t.edited)
+
+
+def test_target_benign_rows_are_optional(tiny_llama, monkeypatch):
+    from sapguard.bench import attacks
+
+    monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
+    cfg = SteeringTrainConfig(
+        n_harmful=6,
+        n_wrapped=3,
+        n_benign=6,
+        n_gate=12,
+        n_gate_wrapped=6,
+        first_n=3,
+        max_new_tokens=4,
+        target_benign=True,
+        safeflow_basis=None,
+    )
+    gate = train_steering(tiny_llama, _corpus(), 2, cfg)
+    target = target_of(gate)
+    assert target is not None
+    assert any(k.startswith("benign:safe") for rows in target.meta["rows"].values() for k in rows)
+    assert make_mode("safeflow", gate).basis is None  # type: ignore[attr-defined]
+    assert gate.meta["steering"]["hook"]["first_n"] == 4  # steer_first_n's default

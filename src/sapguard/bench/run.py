@@ -163,7 +163,9 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -228,7 +230,7 @@ def run_bench(
     layer = int(poly.meta["layer"])
     questions = list(questions or local_questions())[: cfg.n_mmlu or None]
     prompts = [it.sent for it in items]
-    common = {
+    common: dict[str, Any] = {
         "max_new_tokens": cfg.max_new_tokens,
         "batch_size": cfg.batch_size,
         "template": template,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -15,6 +16,10 @@ from sapguard.cli.common import (
     setup_logging,
     table,
 )
+
+if TYPE_CHECKING:
+    from sapguard.models.loading import LoadedModel
+    from sapguard.polytope.model import SafetyPolytope
 
 POLYTOPE_OPTION = typer.Option(
     ..., "--polytope", "-p", help="Steering polytope directory (from `sap steer-train`)."
@@ -35,7 +40,7 @@ THRESHOLD_OPTION = typer.Option(
 )
 
 
-def _load(polytope: Path, model: str | None, device: str) -> tuple[object, object]:
+def _load(polytope: Path, model: str | None, device: str) -> tuple[LoadedModel, SafetyPolytope]:
     from sapguard.models.loading import load_model
     from sapguard.steer.target import load_steering
 
@@ -63,10 +68,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", "-o", help="Steering artifact directory to write (gate + target/)."
         ),
-        layer: int = typer.Option(20, "--layer", "-l", help="Layer L = output of decoder block L."),
+        layer: int = typer.Option(
+            16, "--layer", "-l", help="Layer L = output of decoder block L (16: chosen on validation)."
+        ),
         model: str = typer.Option("default", "--model", "-m"),
-        first_n: int = typer.Option(
-            8, "--first-n", help="Generated indices the target covers and the hook edits."
+        first_n: int = typer.Option(8, "--first-n", help="Generated indices the target covers."),
+        steer_first_n: int = typer.Option(
+            4, "--steer-first-n", help="Generated indices the hook edits (stored as the artifact's first_n)."
         ),
         n_harmful: int = typer.Option(
             45, "--n-harmful", help="Harmful train requests for the target (validation: a third)."
@@ -84,6 +92,20 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
         families: str = typer.Option(
             "handwritten,rewrite", "--families", help="Attack families seen in training."
+        ),
+        margin: float = typer.Option(
+            3.0, "--margin", help="SafeFlow's margin inside the target, stored as the artifact's default."
+        ),
+        basis: str = typer.Option(
+            "refusal_direction",
+            "--basis",
+            help="SafeFlow's edit subspace stored as default: refusal_direction, or none (unrestricted).",
+        ),
+        target_benign: bool = typer.Option(
+            False, "--target-benign/--no-target-benign", help="Also label benign answers as safe target rows."
+        ),
+        redirect_alpha: float = typer.Option(
+            2.0, "--redirect-alpha", help="Redirect's scale of the stored direction (default)."
         ),
         device: str = typer.Option("auto", "--device"),
         json_out: bool = JSON_OPTION,
@@ -103,8 +125,13 @@ def register(app: typer.Typer) -> None:
             n_gate=n_gate,
             n_gate_wrapped=n_gate_wrapped,
             first_n=first_n,
+            steer_first_n=steer_first_n,
             max_new_tokens=max_new_tokens,
             families=tuple(f.strip() for f in families.split(",") if f.strip()),
+            target_benign=target_benign,
+            safeflow_margin=margin,
+            safeflow_basis=None if basis.lower() == "none" else basis,
+            redirect_alpha=redirect_alpha,
         )
         gate = train_steering(lm, build_default_corpus(), layer, cfg, show_progress=not json_out)
         save_steering(gate, out)
@@ -168,7 +195,7 @@ def register(app: typer.Typer) -> None:
             mode,
             tokens=tokens,
             first_n=first_n,
-            threshold=threshold,  # type: ignore[arg-type]
+            threshold=threshold,
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             temperature=temperature,
@@ -248,7 +275,7 @@ def register(app: typer.Typer) -> None:
                 first_n=first_n,
                 threshold=threshold,
                 max_new_tokens=max_new_tokens,
-            )[0]  # type: ignore[arg-type]
+            )[0]
             s = g.summary
             typer.echo(
                 f"bot> {g.response}\n     [{mode}: fired {s.fired_tokens}/{s.tokens}, edited {s.edited_tokens}]"
@@ -327,7 +354,7 @@ def register(app: typer.Typer) -> None:
             questions=questions,
             harm_judge=judge,
             show_progress=not json_out,
-        )  # type: ignore[arg-type]
+        )
         write_json(out / "report.json", report)
         with atomic_write(out / "report.md") as fh:
             fh.write(markdown(report))

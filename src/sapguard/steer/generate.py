@@ -169,7 +169,7 @@ def generate(
             mode_obj,
             **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate),
         )
-    results: list[Generation] = []
+    results: list[tuple[int, Generation]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     try:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -242,7 +242,7 @@ def _generate_batch(
         # Rows whose answer will be replaced stop as soon as the polytope fires.
         sampling["stopping_criteria"] = StoppingCriteriaList([_StopWhenFired(hook)])
     with torch.no_grad():
-        out = lm.model.generate(
+        out = lm.model.generate(  # type: ignore[operator]
             **inputs,
             max_new_tokens=max_new_tokens,
             pad_token_id=lm.tokenizer.pad_token_id,

@@ -95,6 +95,8 @@ class SafeFlow:
             ``target/`` directory; see :mod:`sapguard.steer.target`.
         basis: Optional ``[r, d]`` orthonormal rows restricting the edit to their span
             (:func:`make_mode` accepts ``"refusal_direction"``: the artifact's direction, normalised).
+        nonnegative: With a basis, edit only *along* its vectors (coordinates ``>= 0``);
+            :func:`make_mode` turns it on for ``"refusal_direction"`` (toward refusal, never away).
     """
 
     margin: float = 1.0
@@ -104,6 +106,7 @@ class SafeFlow:
     overshoot: float = 1.2
     target: SafetyPolytope | None = None
     basis: torch.Tensor | None = None
+    nonnegative: bool = False
     name: str = "safeflow"
     edits: bool = True
     gated: bool = True
@@ -139,6 +142,7 @@ class SafeFlow:
                 max_steps=self.max_steps,
                 overshoot=self.overshoot,
                 basis=basis,
+                nonnegative=self.nonnegative,
             )
         if bool(res.failed.any()):
             logger.warning(
@@ -209,6 +213,7 @@ def make_mode(name: str, poly: SafetyPolytope, **options: Any) -> SteeringMode:
         if stored.get("basis") == "refusal_direction":
             u = steering_direction(poly)
             stored["basis"] = (u / u.norm())[None, :]
+            stored.setdefault("nonnegative", True)
         return SafeFlow(**_known(SafeFlow, stored))
     if name == "redirect":
         return Redirect(direction=steering_direction(poly), **_known(Redirect, stored))

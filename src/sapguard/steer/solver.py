@@ -20,7 +20,10 @@ One iteration (ISTA with a Polyak step size):
 
 and, with a ``basis`` (``[r, d]``, orthonormal rows), the same step runs on the edit's
 coordinates in that basis (projected gradient, Polyak step on its norm) with the prox threshold
-``eta * ||u_i||_1 / d`` per basis vector (exact for one vector, a separable bound for several). The
+``eta * ||u_i||_1 / d`` per basis vector (exact for one vector, a separable bound for several);
+``nonnegative=True`` also projects the coordinates onto ``>= 0`` (the edit may only move *along*
+the basis vectors, e.g. toward refusal, never against them; a row whose constraints cannot be
+met that way keeps its best allowed iterate and reports its margin). The
 stopping rule is explicit: a row stops as soon as every facet holds with the margin
 (``max_k v_k <= -margin``) or when ``max_steps`` is spent. The returned state is the *final
 iterate*, evaluated after its step (one step of budget returns one step's edit, never the input).
@@ -70,6 +73,7 @@ def margins_and_grad(
         c = lambda_safe + lambda_unsafe * (v + margin > 0).to(x.dtype)
         return v, (c @ phi) / enc.scale
     linear = enc.net[0]
+    assert isinstance(linear, torch.nn.Linear)
     pre = z @ linear.weight.T + linear.bias
     f = torch.relu(pre)
     v = f @ phi.T - poly.xi - poly.offset
@@ -105,6 +109,7 @@ def solve(
     max_steps: int = 50,
     overshoot: float = 1.2,
     basis: torch.Tensor | None = None,
+    nonnegative: bool = False,
 ) -> SolveResult:
     """Move rows ``h`` ``[n, d]`` (float32) into the polytope with a small l1 edit (see module doc).
 
@@ -116,6 +121,7 @@ def solve(
         max_steps: Step budget per row (at least 1).
         overshoot: Multiplier of the Polyak step (> 1 reaches the margin despite the l1 shrink).
         basis: Optional ``[r, d]`` orthonormal rows: the edit stays in their span.
+        nonnegative: With ``basis``, the edit's coordinates stay ``>= 0`` (a cone, not a span).
     """
     grad_fn = margins_and_grad if closed_form_ok(poly) else autograd_margins_and_grad
     d = h.shape[-1]
@@ -140,7 +146,11 @@ def solve(
             gc = ga @ basis.T  # gradient in basis coordinates, [m, r]
             eta = overshoot * hinge / gc.pow(2).sum(-1).clamp_min(1e-12)
             coef = (xa - ha) @ basis.T - eta[:, None] * gc
-            new = ha + soft_threshold(coef, eta[:, None] * l1_weight[None, :]) @ basis
+            assert l1_weight is not None
+            coef = soft_threshold(coef, eta[:, None] * l1_weight[None, :])
+            if nonnegative:
+                coef = coef.clamp_min(0.0)
+            new = ha + coef @ basis
         finite = torch.isfinite(new).all(-1)
         failed[idx[~finite]] = True
         active[idx[~finite]] = False

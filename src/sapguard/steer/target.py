@@ -8,8 +8,19 @@
   steering edits (generated index ``0 .. first_n-1``: the last prompt position and the first
   response tokens) on trajectories labelled by behaviour, for the *same* harmful requests:
   safe = the model refusing (its own refusals, its refusals under a safety system prompt, and
-  teacher-forced refusals) and benign requests answered; unsafe = the model complying. Entering
-  the target therefore means moving toward refusing, not toward "looks like a benign request".
+  teacher-forced refusals); unsafe = the model complying. Entering the target therefore means
+  moving toward refusing, not toward "looks like a benign request". Benign answers are *not*
+  target rows by default (``SteeringTrainConfig.target_benign``): answering a benign request is
+  compliance behaviour, and labelling it safe pulled the target back toward "benign-looking".
+
+SafeFlow's settings are stored with the artifact (``meta["steering"]["defaults"]["safeflow"]``):
+the edit is restricted to the refusal-minus-compliance direction (``basis="refusal_direction"``)
+and solved to a *margin* inside the target (``SteeringTrainConfig.safeflow_margin``). Both were
+chosen on validation requests of the default model (RESULTS.md, Steering): the unrestricted
+minimal l1 edit reaches the target with small edits along directions the model's output does not
+depend on (0 of 24 validation requests refused at any margin up to 20), and a minimal edit that
+lands just inside the boundary (margin 0.5) is too weak; margin 3 on the first 4 generated indices gave
+the most coherent refusals (larger margins break the text).
 
 On disk the gate is the artifact directory and the target its ``target/`` sub-directory (both
 ``config.json`` + ``model.safetensors``; never pickle). :func:`load_steering` loads both and
@@ -228,8 +239,9 @@ def train_target(
         "role": "steering target",
         "training_data": (
             f"the model's own states at generated indices 0..{first_n - 1}: refusal trajectories (own, under a "
-            "safety system prompt, teacher-forced) and benign answers (safe) vs compliance trajectories (unsafe) "
-            "for the same harmful requests"
+            "safety system prompt, teacher-forced)"
+            + (" and benign answers" if any(t.kind == "benign" for t in trajectories) else "")
+            + " (safe) vs compliance trajectories (unsafe) for the same harmful requests"
         ),
         "rows": counts,
         "first_n": first_n,
@@ -316,9 +328,15 @@ class SteeringTrainConfig:
         n_gate: Harmful and benign train prompts of the corpus (each) for the gate (validation: a third).
         n_gate_wrapped: Harmful and benign train prompts wrapped in the training families for the gate.
         max_chars: Longest corpus prompt used (CPU budget; wrappers come on top).
-        first_n: Generated indices the target covers (and the hook's ``first_n``).
+        first_n: Generated indices the target covers.
+        steer_first_n: The hook's ``first_n`` (generated indices SafeFlow edits; ``None``: ``first_n``).
         max_new_tokens: Length of the model's own completions.
         families: Attack families seen in training.
+        target_benign: Also label benign answers as safe target rows (off: see the module doc).
+        safeflow_margin: SafeFlow's margin inside the target, stored as the artifact's default.
+        safeflow_basis: ``"refusal_direction"`` (edit along the stored direction only) or ``None``
+            (unrestricted l1 edit), stored as the artifact's default.
+        redirect_alpha: Redirect's scale of the stored direction, stored as the artifact's default.
     """
 
     n_harmful: int = 45
@@ -328,8 +346,13 @@ class SteeringTrainConfig:
     n_gate_wrapped: int = 30
     max_chars: int = 400
     first_n: int = 8
+    steer_first_n: int | None = 4
     max_new_tokens: int = 24
     families: tuple[str, ...] = ("handwritten", "rewrite")
+    target_benign: bool = False
+    safeflow_margin: float = 3.0
+    safeflow_basis: str | None = "refusal_direction"
+    redirect_alpha: float = 2.0
     seed: int = 0
 
 
@@ -387,7 +410,8 @@ def train_steering(
         harmful_t += direct + wrapped_records(
             rest[: len(take(split, "harmful", cfg.n_wrapped))], attacks, cfg.seed + 2
         )
-        benign_t += take(split, "benign", cfg.n_benign)
+        if cfg.target_benign:
+            benign_t += take(split, "benign", cfg.n_benign)
     trajectories = behaviour_trajectories(
         lm, harmful_t, benign_t, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, show_progress=show_progress
     )
@@ -406,8 +430,16 @@ def train_steering(
     gate.meta["steering"] = {
         "direction": [round(float(v), 5) for v in direction],
         "direction_source": "mean of refusal-trajectory states minus compliance-trajectory states (target train rows)",
-        "hook": {"tokens": "first_n", "first_n": cfg.first_n, "threshold": 0.0, "gate": "prompt"},
-        "defaults": {"safeflow": {"margin": 1.0, "max_steps": 50}, "redirect": {"alpha": 3.0}},
+        "hook": {
+            "tokens": "first_n",
+            "first_n": cfg.first_n if cfg.steer_first_n is None else cfg.steer_first_n,
+            "threshold": 0.0,
+            "gate": "prompt",
+        },
+        "defaults": {
+            "safeflow": {"margin": cfg.safeflow_margin, "max_steps": 50, "basis": cfg.safeflow_basis},
+            "redirect": {"alpha": cfg.redirect_alpha},
+        },
         "train_families": list(cfg.families),
         "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
     }
