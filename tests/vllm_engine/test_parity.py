@@ -86,3 +86,19 @@ def test_modes_per_request_in_one_batch(llm):
     assert outs[2].mode == "off" and outs[2].verdict is None
     assert outs[3].mode == "detect" and not outs[3].verdict.is_safe
     assert outs[3].record["token_scores"][0][0] == 0  # per generated token scores, g = 0 first
+
+
+@pytest.mark.parametrize("policy", ["last_prompt", "mean_prompt", "response_tokens"])
+def test_extraction_matches_the_transformers_path(llm, lm, policy, tmp_path):
+    """`sap extract --engine vllm`: the same rows, record indices and positions as extract_features."""
+    from sapguard.data.records import Record
+    from sapguard.engines.vllm_extract import extract_to_dir_with_vllm
+    from sapguard.features.extract import extract_features
+
+    records = [Record(prompt=p, response="Sure, here is what I found." if i % 2 else None, is_safe=True)
+               for i, p in enumerate(PROMPTS)]
+    fs = extract_to_dir_with_vllm(llm, records, tmp_path / policy, 18, policy=policy)
+    feats, index, pos = extract_features(lm, records, 18, policy=policy)
+    assert fs.record_index.tolist() == index.tolist() and fs.position.tolist() == pos.tolist()
+    assert float(((fs.features - feats).abs() / (1 + feats.abs())).max()) <= 1e-4
+    assert fs.manifest["engine"] == "vllm" and fs.manifest["model"]["id"] == "default"

@@ -88,6 +88,22 @@ def engine_identity(model: str, hidden_size: int, num_layers: int) -> dict[str, 
     return {"id": model_id, "hidden_size": hidden_size, "num_layers": num_layers}
 
 
+def capture_only_polytope(hidden_size: int, layer: int | None) -> SafetyPolytope:
+    """A polytope that never fires (``phi = 0``, ``xi = 1``), for reading features of any model.
+
+    Used with ``polytope="none"`` by :func:`sapguard.engines.vllm_extract.extract_with_vllm`.
+    """
+    from sapguard.polytope.model import EncoderSpec
+
+    if layer is None:
+        raise SapError("polytope 'none' (feature capture only) needs an explicit layer")
+    poly = SafetyPolytope(hidden_size, 1, EncoderSpec(kind="identity"), meta={"layer": layer})
+    with torch.no_grad():
+        poly.phi.zero_()
+        poly.xi.fill_(1.0)
+    return poly.eval().requires_grad_(False)
+
+
 def check_attach(poly: SafetyPolytope, config: GuardConfig, identity: dict[str, Any]) -> int:
     """Every check that can fail, before the engine serves a token; returns the resolved layer.
 
@@ -219,7 +235,11 @@ def attach_to_runner(runner: Any, config: GuardConfig) -> dict[str, Any]:
     model_config = runner.model_config
     hf = model_config.hf_config.get_text_config()
     identity = engine_identity(str(model_config.model), int(hf.hidden_size), int(hf.num_hidden_layers))
-    poly = load_guard_polytope(config.polytope)
+    poly = (
+        capture_only_polytope(identity["hidden_size"], config.layer)
+        if config.polytope == "none"
+        else load_guard_polytope(config.polytope)
+    )
     layer = check_attach(poly, config, identity)
     guard = FlatGuard(poly, config, hidden_size=identity["hidden_size"], num_layers=identity["num_layers"])
     block = block_for_layer(runner.model, layer)
@@ -336,7 +356,8 @@ class VLLMGuard:
 
     Args:
         llm: An ``LLM`` built with the worker extension (:func:`build_llm` does it).
-        polytope: ``"default"``, ``"steering"`` or an artifact directory.
+        polytope: ``"default"``, ``"steering"``, an artifact directory, or ``"none"`` (feature
+            capture only, with ``layer``).
         mode: Default mode (:data:`~sapguard.engines.flat.ENGINE_MODES`); requests may override it.
         **options: Other :class:`GuardConfig` fields (``layer``, ``tokens``, ``first_n``,
             ``threshold``, ``gate``, ``capture``, ``record_tokens``).
@@ -349,10 +370,15 @@ class VLLMGuard:
     def __init__(self, llm: Any, polytope: str | Path = "default", *, mode: str = "detect", **options: Any):
         self.llm = llm
         self.config = GuardConfig(polytope=str(polytope), mode=mode, **options)
-        self.poly = load_guard_polytope(self.config.polytope)
         model_config = llm.llm_engine.model_config
         hf = model_config.hf_config.get_text_config()
         identity = engine_identity(str(model_config.model), int(hf.hidden_size), int(hf.num_hidden_layers))
+        self.identity = identity
+        self.poly = (
+            capture_only_polytope(identity["hidden_size"], self.config.layer)
+            if self.config.polytope == "none"
+            else load_guard_polytope(self.config.polytope)
+        )
         self.layer = check_attach(self.poly, self.config, identity)
         try:
             infos = llm.collective_rpc("sapguard_attach", args=(json.dumps(self.config.to_dict()),))
@@ -468,3 +494,21 @@ class VLLMGuard:
             feats.append(features_from_json(payload)[1])
         return feats
 
+
+
+def model_for_polytope(poly: SafetyPolytope) -> str:
+    """The model an artifact records (``"default"`` for the embedded one), for :func:`build_llm`."""
+    return str((poly.meta.get("base_model") or {}).get("id") or "default")
+
+
+def scan_with_vllm(polytope: str | Path, texts: Sequence[str], **llm_kwargs: Any) -> list[Verdict]:
+    """``sap detect --engine vllm``: start an engine on the polytope's base model and scan ``texts``.
+
+    Texts longer than the engine's ``max_model_len`` are refused by vLLM (no windowing on this path;
+    the transformers path reads long texts in windows).
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    poly = load_guard_polytope(polytope)
+    llm = build_llm(model_for_polytope(poly), polytope=str(polytope), **llm_kwargs)
+    guard = VLLMGuard(llm, polytope, mode="detect", record_tokens=False)
+    return guard.scan(texts)
