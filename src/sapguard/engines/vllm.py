@@ -144,7 +144,13 @@ def build_llm(model: str = "default", *, polytope: str | None = None, mode: str 
         model = str(fetch_default_model())
     if polytope is not None:
         _precheck(model, polytope, mode)
-    from vllm import LLM
+    try:
+        from vllm import LLM
+    except ImportError as err:
+        raise SapError(
+            f"vLLM is not importable here ({err}); the vLLM engine runs in its own environment: "
+            "`make vllm-env`, then .venv-vllm/bin/sap"
+        ) from None
 
     kwargs: dict[str, Any] = {
         "dtype": "float32",

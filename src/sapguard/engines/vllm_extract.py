@@ -163,3 +163,30 @@ def _revision(model: str) -> str | None:
         info = json.loads(source.read_text())
         return f"sha256:{info['gguf_sha256']}"
     return None
+
+
+ENGINES = ("transformers", "vllm")
+
+
+def check_engine(engine: str) -> str:
+    """``transformers`` or ``vllm``; ``vllm`` also needs vLLM importable (its own environment)."""
+    from sapguard.errors import SapError
+
+    if engine not in ENGINES:
+        raise SapError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    return engine
+
+
+def extract_to_dir_cli(
+    model: str, records: Sequence[Record], out: str | Path, layer: int, *, policy: str, template: str, max_length: int
+) -> FeatureSet:
+    """``sap extract --engine vllm``: start an engine on ``model`` and extract into ``out``."""
+    import os
+
+    from sapguard.engines.vllm import build_llm
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    llm = build_llm(model, max_model_len=max(max_length + 8, 512))
+    return extract_to_dir_with_vllm(
+        llm, records, out, layer, policy=policy, template=template, max_length=max_length, show_progress=True
+    )
