@@ -12,16 +12,17 @@ import torch
 from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.features.store import FeatureSet
-from sapguard.interpret.naming import apply_facet_names, suggested_names
-from sapguard.interpret.specialisation import (
+from sapguard.interpret.naming import apply_facet_names
+from sapguard.polytope.artifact import load_polytope
+from sapguard.polytope.model import EncoderSpec, SafetyPolytope
+from sapguard.polytope.specialisation import (
     analyse_specialisation,
     match_categories,
     mi_matrix,
     mutual_information,
     quantile_bins,
+    suggested_names,
 )
-from sapguard.polytope.artifact import load_polytope
-from sapguard.polytope.model import EncoderSpec, SafetyPolytope
 
 D = 8
 # Facet k's normal is the unit vector e_{NORMAL_DIM[k]}; category c lives along e_{CATEGORY_DIM[c]}.

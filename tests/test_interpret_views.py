@@ -12,8 +12,8 @@ import pytest
 from sapguard.errors import SapError
 from sapguard.interpret import plots
 from sapguard.interpret.pipeline import analyse, check_features, write_analysis
-from sapguard.interpret.specialisation import analyse_specialisation, polytope_margins
 from sapguard.interpret.views import facet_similarity, facet_views
+from sapguard.polytope.specialisation import analyse_specialisation, polytope_margins
 from tests.test_interpret_specialisation import synthetic_featureset, synthetic_polytope, synthetic_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -99,7 +99,7 @@ def test_violation_shapes_and_margins():
 
 def test_batched_readings_equal_one_pass_over_all_rows():
     """raw_scores, facet_assignments and polytope_margins read rows in batches; same numbers as one pass."""
-    from sapguard.interpret.specialisation import polytope_margins
+    from sapguard.polytope.specialisation import polytope_margins
     from sapguard.polytope.train import facet_assignments, raw_scores
 
     poly = SafetyPolytope(6, 3, EncoderSpec("mlp", width=10, depth=1))

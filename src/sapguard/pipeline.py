@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from sapguard.data.default_corpus import corpus_summary
 from sapguard.data.records import Record, read_records
 from sapguard.errors import SapError
@@ -70,22 +67,4 @@ def train_from_features(
     poly = result.polytope
     val = binary_metrics(y_val, raw_scores(poly, x_val.float()), float(poly.offset))
     poly.meta["validation_metrics"] = val
-    name_facets_by_specialisation(poly, x_tr, y_tr, r_tr)
     return poly
-
-
-def name_facets_by_specialisation(poly: SafetyPolytope, x: torch.Tensor, y: np.ndarray, records: list[Record]) -> None:
-    """Rename facets after the category each specialises in (MI + Hungarian matching, train rows).
-
-    Only when the records carry categories; a facet whose best MI does not beat the chance level of
-    shuffled labels is called ``facet_<k>``. Without categories the names from training stay
-    (``facet_<k>``: there is nothing to name them after).
-    """
-    from sapguard.interpret.naming import suggested_names
-    from sapguard.interpret.specialisation import analyse_specialisation
-
-    if not any(r.categories for r in records):
-        return
-    spec = analyse_specialisation(poly, x, y, records)
-    poly.meta["facet_names"] = suggested_names(spec)
-    poly.meta["facet_naming"] = "category x facet mutual information, Hungarian matching, train split"

@@ -1,8 +1,10 @@
-"""The `sap` command line. Each module registers its commands on the one Typer app."""
+"""The `sap` command line. Each module holds its commands as plain functions and registers them here."""
 
 from __future__ import annotations
 
 import typer
+
+from sapguard.cli import core, interpret, serve, steer
 
 app = typer.Typer(
     name="sap",
@@ -12,11 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from sapguard.cli import core  # noqa: E402
-
-core.register(app)
-from sapguard.cli import interpret as _interpret; _interpret.register(app)  # noqa: E402, E702
-from sapguard.cli import steer as _steer; _steer.register(app)  # noqa: E402, E702
-from sapguard.cli import serve as _serve; _serve.register(app)  # noqa: E402, E702
+for _module in (core, interpret, steer, serve):
+    _module.register(app)
 
 __all__ = ["app"]

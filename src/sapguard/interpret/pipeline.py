@@ -12,11 +12,15 @@ from typing import Any
 from sapguard.errors import ArtifactMismatchError, SapError
 from sapguard.features.store import FeatureSet
 from sapguard.interpret import plots
-from sapguard.interpret.naming import suggested_names
-from sapguard.interpret.specialisation import Specialisation, analyse_specialisation, polytope_margins
 from sapguard.interpret.views import FacetViews, facet_views
 from sapguard.io import atomic_write, write_json
 from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.specialisation import (
+    Specialisation,
+    analyse_specialisation,
+    polytope_margins,
+    suggested_names,
+)
 
 logger = logging.getLogger(__name__)
 

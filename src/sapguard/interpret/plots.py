@@ -18,9 +18,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from sapguard.errors import SapError
-from sapguard.interpret.specialisation import Specialisation
 from sapguard.interpret.views import FacetViews
 from sapguard.io import atomic_write
+from sapguard.polytope.specialisation import Specialisation
 
 DPI = 110
 

@@ -12,8 +12,8 @@ from sklearn.decomposition import PCA
 
 from sapguard.data.records import Record
 from sapguard.errors import SapError
-from sapguard.interpret.specialisation import polytope_margins
 from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.specialisation import polytope_margins
 
 
 @dataclass

@@ -46,6 +46,9 @@ class EncoderSpec:
 class ConceptEncoder(nn.Module):
     """Standardise ``h`` with training statistics, then map it to concept features ``f``."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, hidden_size: int, spec: EncoderSpec):
         super().__init__()
         self.spec = spec
@@ -81,6 +84,8 @@ class SafetyPolytope(nn.Module):
         >>> poly(torch.zeros(2, 576)).shape
         torch.Size([2, 8])
     """
+
+    offset: torch.Tensor
 
     def __init__(self, hidden_size: int, num_facets: int, encoder: EncoderSpec, meta: dict[str, Any] | None = None):
         super().__init__()

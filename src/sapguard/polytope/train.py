@@ -9,6 +9,10 @@ Objective per batch (unsafe is label 1):
 As in the reference code, the hinge terms are *summed* over the batch while the L1 terms are
 means, so ``lambda_f`` and ``lambda_phi`` weigh the same as the published values at batch 128.
 
+Facets are named after the category each specialises in
+(:func:`sapguard.polytope.specialisation.name_facets`, mutual information) when the training
+records carry categories.
+
 Facet assignment: each unsafe row goes to its most violated facet, re-assigned greedily so that
 unsafe rows spread over facets: rows are visited from the most to the least violated, and facet k's
 score is ``v_k / s + entropy_weight * -log p_k`` where ``p_k`` is the (smoothed) share of unsafe rows
@@ -23,9 +27,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm
 from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.polytope.model import BATCH_ROWS, EncoderSpec, SafetyPolytope, read_in_batches
+from sapguard.polytope.specialisation import name_facets
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class TrainConfig:
     encoder: EncoderSpec = field(default_factory=lambda: EncoderSpec(kind="mlp", width=1024, depth=1))
     margin: float = 1.0
     unsafe_weight: float = 2.0
+    loss: str = "hinge"
     lambda_f: float = 0.1
     lambda_phi: float = 0.1
     entropy_weight: float = 1.0
@@ -84,6 +89,46 @@ class TrainConfig:
         out = asdict(self)
         out["encoder"] = self.encoder.to_dict()
         return out
+
+
+PRESETS = ("default", "paper")
+"""Named training settings: ``default`` (tuned for the default model) and ``paper`` (published)."""
+
+
+def train_config(
+    preset: str = "default",
+    *,
+    encoder: str | None = None,
+    width: int | None = None,
+    depth: int | None = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """Settings from a preset, with the given encoder shape and fields replaced (``None`` keeps the preset's).
+
+    Args:
+        preset: One of :data:`PRESETS`.
+        encoder, width, depth: Concept encoder kind, width and depth.
+        **overrides: :class:`TrainConfig` fields (``num_facets``, ``margin``, ``lr``...).
+
+    Example:
+        >>> train_config("paper", num_facets=8, lr=None).num_facets
+        8
+    """
+    if preset not in PRESETS:
+        raise SapError(f"unknown preset {preset!r}; expected {' or '.join(PRESETS)}")
+    cfg = TrainConfig() if preset == "default" else TrainConfig.paper()
+    spec = EncoderSpec(kind=encoder or cfg.encoder.kind, width=width or cfg.encoder.width, depth=depth or cfg.encoder.depth)
+    return replace(cfg, encoder=spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_config_of(poly: SafetyPolytope) -> TrainConfig:
+    """The settings ``poly`` was trained with, read back from its config (to retrain it on other data)."""
+    recorded = dict(poly.meta.get("train_config") or {})
+    return TrainConfig(
+        num_facets=poly.num_facets,
+        encoder=poly.encoder.spec,
+        **{k: v for k, v in recorded.items() if k not in ("encoder", "num_facets")},
+    )
 
 
 @dataclass
@@ -120,8 +165,12 @@ def assign_facets(violations: torch.Tensor, usage: torch.Tensor, entropy_weight:
         assigned[i] = a
         counts[a] += 1
     usage.copy_(torch.from_numpy(counts))
-    assigned = torch.from_numpy(assigned)
-    return assigned
+    return torch.from_numpy(assigned)
+
+
+LOSSES = {"hinge": torch.relu, "logistic": torch.nn.functional.softplus}
+"""Penalty on a signed violation: the paper's hinge, or its smooth logistic surrogate (every row
+keeps a gradient, as in logistic regression, instead of only rows inside the margin)."""
 
 
 def polytope_loss(
@@ -131,10 +180,11 @@ def polytope_loss(
     f = poly.concepts(h)
     v = poly.violations_from_concepts(f)
     safe, unsafe = y == 0, y == 1
-    loss = torch.relu(cfg.margin + v[safe]).sum(dim=1).sum()
+    penalty = LOSSES[cfg.loss]
+    loss = penalty(cfg.margin + v[safe]).sum(dim=1).sum()
     if unsafe.any():
         v_a = v[unsafe].gather(1, assigned[:, None]).squeeze(1)
-        loss = loss + cfg.unsafe_weight * torch.relu(cfg.margin - v_a).sum()
+        loss = loss + cfg.unsafe_weight * penalty(cfg.margin - v_a).sum()
     loss = loss + cfg.lambda_f * f.abs().sum(dim=-1).mean() + cfg.lambda_phi * poly.phi.abs().sum(dim=-1).mean()
     return loss
 
@@ -194,10 +244,13 @@ def train_polytope(
         x_train, y_train: Training features ``[n, d]`` and labels (1 = unsafe).
         x_val, y_val: Validation features and labels (model selection and calibration only).
         cfg: Settings (default :class:`TrainConfig`).
-        train_records: Row-aligned records of ``x_train``; their categories name the facets.
+        train_records: Row-aligned records of ``x_train``; their categories name the facets
+            (:func:`sapguard.polytope.specialisation.name_facets`).
         meta: Recorded in the artifact (base model, layer, policy...).
     """
     cfg = cfg or TrainConfig()
+    if cfg.loss not in LOSSES:
+        raise SapError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(LOSSES)}")
     _check_inputs(x_train, y_train, "train")
     _check_inputs(x_val, y_val, "validation")
     if len(set(y_train.tolist())) < 2:
@@ -268,24 +321,3 @@ def _calibrate(poly: SafetyPolytope, x_val: torch.Tensor, y_val: np.ndarray, tar
 def facet_assignments(poly: SafetyPolytope, x: torch.Tensor) -> np.ndarray:
     """Most violated facet per row."""
     return read_in_batches(poly, x, margins=False).argmax(dim=1).numpy()
-
-
-def name_facets(poly: SafetyPolytope, x: torch.Tensor, y: np.ndarray, records: Sequence[Record]) -> None:
-    """Name each facet after the category with the largest share of unsafe rows assigned to it.
-
-    Facets with no categorised unsafe rows keep ``facet_<k>``; repeated names get ``_2``, ``_3``...
-    """
-    unsafe = np.nonzero(y == 1)[0]
-    assigned = facet_assignments(poly, x[unsafe])
-    per_facet: list[Counter[str]] = [Counter() for _ in range(poly.num_facets)]
-    for row, facet in zip(unsafe, assigned):
-        per_facet[facet].update(records[row].categories)
-    names, seen = [], Counter()
-    stats = []
-    for k, counts in enumerate(per_facet):
-        base = counts.most_common(1)[0][0] if counts else f"facet_{k}"
-        seen[base] += 1
-        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
-        stats.append({"facet": k, "unsafe_rows": int((assigned == k).sum()), "categories": dict(counts.most_common(5))})
-    poly.meta["facet_names"] = names
-    poly.meta["facet_stats"] = stats

@@ -1,4 +1,4 @@
-"""Facet specialisation: mutual information between harm categories and facet violations.
+"""Facet specialisation: mutual information between harm categories and facet violations; facet names.
 
 For each category c and facet k, MI(1[row carries c]; violation_k) is computed two ways:
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,3 +268,68 @@ def analyse_specialisation(
         unsafe_only=unsafe_only,
         notes=notes,
     )
+
+
+def suggested_names(spec: Specialisation, *, min_mi: float | None = None) -> list[str]:
+    """One name per facet: its matched category, else its highest-MI category with a suffix.
+
+    Only MI above ``min_mi`` (default: the analysis' chance level) names a facet; other facets,
+    and all facets of data without categories, are ``facet_<k>``. Repeats of a category get
+    ``_2``, ``_3``... in facet order, after the matched facet.
+    """
+    floor = spec.chance_mi if min_mi is None else min_mi
+    matched = {p["facet"]: p["category"] for p in spec.matching if p["mi_binned"] > floor}
+    seen: Counter[str] = Counter(matched.values())
+    names = []
+    for k in range(len(spec.facet_names)):
+        if k in matched:
+            names.append(matched[k])
+        elif spec.categories and spec.mi_binned[:, k].max() > floor:
+            best = spec.categories[int(np.argmax(spec.mi_binned[:, k]))]
+            seen[best] += 1
+            names.append(best if seen[best] == 1 else f"{best}_{seen[best]}")
+        else:
+            names.append(f"facet_{k}")
+    return names
+
+
+FACET_NAMING = "category x facet mutual information, Hungarian matching, train split"
+"""How :func:`name_facets` names facets (recorded in the artifact as ``facet_naming``)."""
+
+
+def name_facets(poly: SafetyPolytope, x: torch.Tensor, y: np.ndarray, records: Sequence[Record]) -> None:
+    """Name each facet after the category it specialises in, and record per-facet statistics.
+
+    The one naming scheme of sapguard: :func:`analyse_specialisation` on these rows (unsafe rows,
+    category x facet MI, Hungarian matching, chance level of shuffled labels), then
+    :func:`suggested_names`. Without category labels every facet is ``facet_<k>``.
+
+    Writes ``facet_names``, ``facet_stats`` (per facet: unsafe rows it is the most violated facet
+    of, rows it fires on, and the categories with the most MI, in bits) and, with categories,
+    ``facet_naming`` into ``poly.meta``.
+    """
+    if not any(r.categories for r in records):
+        poly.meta["facet_names"] = [f"facet_{k}" for k in range(poly.num_facets)]
+        return
+    spec = analyse_specialisation(poly, x, y, records)
+    names = suggested_names(spec)
+    unsafe = np.asarray(y) == 1
+    most_violated = np.bincount(
+        read_in_batches(poly, x[torch.as_tensor(unsafe)], margins=False).argmax(dim=1).numpy(),
+        minlength=poly.num_facets,
+    )
+    stats = []
+    for k, name in enumerate(names):
+        top = np.argsort(-spec.mi_binned[:, k], kind="stable")[:5].tolist()
+        stats.append(
+            {
+                "facet": k,
+                "name": name,
+                "unsafe_rows": int(most_violated[k]),
+                "fired": spec.fired[k],
+                "mi_bits": {spec.categories[c]: round(float(spec.mi_binned[c, k]), 4) for c in top},
+            }
+        )
+    poly.meta["facet_names"] = names
+    poly.meta["facet_stats"] = stats
+    poly.meta["facet_naming"] = FACET_NAMING
