@@ -242,3 +242,40 @@ def test_no_cycle_between_modules():
     gone = sorted(sorted(known) for known in MODULE_CYCLES_ALLOWED if not any(c <= known for c in found))
     if gone:
         warnings.warn(f"fixed module cycles, remove them from MODULE_CYCLES_ALLOWED: {gone}", stacklevel=1)
+
+
+def _readme_layout() -> dict[str, str]:
+    """The README's layout block as ``entry -> its text`` (``data/``, ``detect.py``, ...)."""
+    readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}
+    current: list[str] = []
+    for line in block.splitlines()[2:]:
+        if line.startswith("  ") and not line.startswith("   "):  # a new entry: "  name/  text" or "  a.py b.py  text"
+            names = []
+            for word in line.split():
+                if word.endswith("/") or word.endswith(".py"):
+                    names.append(word)
+                else:
+                    break
+            current = names
+            for name in names:
+                entries[name] = ""
+        for name in current:
+            entries[name] += " " + line
+    return entries
+
+
+def test_readme_layout_matches_the_tree():
+    entries = _readme_layout()
+    root = SRC / ROOT
+    on_disk = {p.name + "/" for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    on_disk |= {p.name for p in root.glob("*.py") if p.name != "__init__.py"}
+    on_disk.add("assets/")
+    assert on_disk == set(entries), f"README layout vs src/sapguard: missing {sorted(on_disk - set(entries))}, " \
+        f"not in the tree {sorted(set(entries) - on_disk)}"
+    for entry, text in entries.items():
+        if entry.endswith("/") and entry != "assets/":
+            words = set(text.replace(",", " ").replace("(", " ").replace(")", " ").split())
+            modules = {p.stem for p in (root / entry).glob("*.py") if p.stem != "__init__"}
+            assert modules <= words, f"README layout, {entry}: modules not described: {sorted(modules - words)}"

@@ -10,13 +10,12 @@ from typing import Any
 import torch
 
 from sapguard.data.records import Record, check_texts
-from sapguard.features.extract import extract_features
-from sapguard.models.loading import LoadedModel, load_model
 from sapguard.errors import SapError
+from sapguard.features.extract import extract_features
 from sapguard.features.policies import POLICIES
+from sapguard.models.loading import LoadedModel, load_model
 from sapguard.polytope.artifact import check_compatible
 from sapguard.polytope.model import SafetyPolytope, read_in_batches
-
 
 DEFAULT_WINDOW = 1024
 """Longest prompt, in tokens of the user text, read in one pass; longer texts are read in windows."""

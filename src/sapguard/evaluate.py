@@ -28,7 +28,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
     recall = tp / (tp + fn) if tp + fn else 0.0
     both = len(set(labels.tolist())) == 2
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "n_unsafe": int(pos.sum()),
         "accuracy": (tp + tn) / len(labels) if len(labels) else float("nan"),
         "precision": precision,
@@ -236,9 +236,9 @@ def evaluate(
     fpr = target_fpr if target_fpr is not None else (poly.meta.get("calibration") or {}).get("target_fpr", 0.05)
     detectors: list[Detector] = [PolytopeDetector(poly)]
     for name in baselines:
-        det = BASELINES[name](target_fpr=fpr)
-        det.fit(x_train.numpy(), y_train, x_val.numpy(), y_val)
-        detectors.append(det)
+        probe = BASELINES[name](target_fpr=fpr)
+        probe.fit(x_train.numpy(), y_train, x_val.numpy(), y_val)
+        detectors.append(probe)
     table: dict[str, Any] = {}
     poly_pred = None
     for det in detectors:

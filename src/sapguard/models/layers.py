@@ -124,7 +124,7 @@ def unwrap_hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def rewrap_hidden(output: Any, hidden: torch.Tensor) -> Any:
+def rewrap_hidden(output: Any, hidden: torch.Tensor) -> torch.Tensor | tuple[Any, ...]:
     """Put an edited hidden-state tensor back into the same container the block returned."""
     if isinstance(output, tuple):
         return (hidden, *output[1:])

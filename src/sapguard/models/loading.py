@@ -173,6 +173,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     name = name_or_path or DEFAULT_MODEL
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    rev: str | None
     if name == DEFAULT_MODEL:
         path = fetch_default_model(cache_dir)
         source = path / "sapguard-source.json"
@@ -202,7 +203,7 @@ def load_model(
             raise SapError(f"cannot load model {name!r}: {first}") from None
         model_id = str(local.resolve()) if local.exists() else name
         rev = getattr(config, "_commit_hash", None) or revision
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' wrapper around `to` hides its signature from mypy
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=_prepare_tokenizer(tokenizer), model_id=model_id, revision=rev)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -213,7 +214,7 @@ class Gate:
 
 
 # -- the application ----------------------------------------------------------------------------
-def create_app(state: ServerState) -> Any:
+def create_app(state: ServerState) -> Gate:
     """The ASGI application for ``state`` (the scheduler starts and stops with the app's lifespan)."""
 
     @asynccontextmanager
@@ -355,10 +356,9 @@ def threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[[Any], None])
     """A callable the worker thread can use to hand a value to the event loop."""
 
     def call(value: Any) -> None:
-        try:
+        # RuntimeError: the loop is gone: the server stopped and nobody waits for this
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(callback, value)
-        except RuntimeError:  # the loop is gone: the server stopped and nobody waits for this
-            pass
 
     return call
 

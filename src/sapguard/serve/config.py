@@ -112,7 +112,7 @@ class ServeConfig:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A mapping of settings from a YAML or JSON file."""
-    import yaml  # type: ignore[import-untyped]
+    import yaml
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
