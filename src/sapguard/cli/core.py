@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 MODEL_OPTION = typer.Option("default", "--model", "-m", help="'default' (embedded SmolLM2-135M-Instruct), a Hub id, a local directory or a .gguf file.")
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
 DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16.")
+ENGINE_OPTION = typer.Option(
+    "transformers", "--engine", help="transformers, or vllm (run from the vLLM environment, `make vllm-env`; docs/VLLM.md)."
+)
 
 
 def fetch(
@@ -68,19 +71,24 @@ def extract(
     max_length: int = typer.Option(1024, "--max-length", help="Keep the last N tokens of longer texts."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    engine: str = ENGINE_OPTION,
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Read hidden states of labelled texts at one layer into a features directory."""
     setup_logging(verbose)
+    from sapguard.engines.vllm_extract import check_engine, extract_to_dir_cli
     from sapguard.features.extract import extract_to_dir
     from sapguard.models.loading import load_model
     from sapguard.pipeline import load_records
 
     records = load_records(data)
-    lm = load_model(model, device=device, dtype=dtype)
-    fs = extract_to_dir(lm, records, out, layer, policy=policy, template=template, batch_size=batch_size,
-                        max_length=max_length, show_progress=True)
+    if check_engine(engine) == "vllm":  # inside vLLM (its own environment, see docs/VLLM.md)
+        fs = extract_to_dir_cli(model, records, out, layer, policy=policy, template=template, max_length=max_length)
+    else:
+        lm = load_model(model, device=device, dtype=dtype)
+        fs = extract_to_dir(lm, records, out, layer, policy=policy, template=template, batch_size=batch_size,
+                            max_length=max_length, show_progress=True)
     summary = {k: fs.manifest[k] for k in ("model", "layer", "policy", "template", "rows", "n_records", "hidden_size")}
     summary["out"] = str(out)
     if json_out:
@@ -187,17 +195,24 @@ def detect(
     input_file: Path | None = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
+    engine: str = ENGINE_OPTION,
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Scan texts: verdict, risk score and violated facets per text (base model loaded from the artifact)."""
     setup_logging(verbose)
     from sapguard.detect import base_model_for, scan
+    from sapguard.engines.vllm_extract import check_engine
     from sapguard.polytope.artifact import load_polytope_spec
 
     items = gather_texts(texts, input_file)
-    poly = load_polytope_spec(polytope)
-    verdicts = scan(poly, items, lm=base_model_for(poly, device=device, dtype=dtype), window=window)
+    if check_engine(engine) == "vllm":  # inside vLLM; texts are read whole (no windows)
+        from sapguard.engines.vllm import scan_with_vllm
+
+        verdicts = scan_with_vllm(polytope, items)
+    else:
+        poly = load_polytope_spec(polytope)
+        verdicts = scan(poly, items, lm=base_model_for(poly, device=device, dtype=dtype), window=window)
     if json_out:
         emit_json([v.to_json() for v in verdicts])
     else:

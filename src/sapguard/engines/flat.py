@@ -239,6 +239,9 @@ class FlatGuard:
         self.modes: dict[str, SteeringMode] = {m: make_mode(m, poly) for m in self.available if m != "off"}
         self.records: OrderedDict[str, RequestRecord] = OrderedDict()
         self._poly_cache: dict[torch.device, SafetyPolytope] = {}
+        self.hook_seconds = 0.0
+        """Wall time spent inside the engine hook (the engine adds to it), for overhead measurements."""
+        self.hook_calls = 0
 
     # -- helpers ---------------------------------------------------------------------------
     def capture_of(self, extra_args: dict[str, Any] | None) -> str | None:

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,14 @@ def _query_start_loc(num_reqs: int) -> list[int] | None:
 
 def _make_hook(guard: FlatGuard, runner: Any) -> Any:
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return _guarded(args, kwargs, output)
+        finally:
+            guard.hook_seconds += time.perf_counter() - start
+            guard.hook_calls += 1
+
+    def _guarded(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         batch = runner.input_batch
         num_reqs = int(batch.num_reqs)
         if num_reqs == 0:
@@ -307,7 +316,13 @@ class SapguardWorkerExtension:
         guard: FlatGuard | None = _ACTIVE.get("guard")
         if guard is None:
             return None
-        return {"layer": guard.layer, "modes": list(guard.available), "default_mode": guard.default_mode}
+        return {
+            "layer": guard.layer,
+            "modes": list(guard.available),
+            "default_mode": guard.default_mode,
+            "hook_seconds": guard.hook_seconds,
+            "hook_calls": guard.hook_calls,
+        }
 
 
 # -- client side -----------------------------------------------------------------------------------
