@@ -75,6 +75,12 @@ def test_trained_polytope_is_calibrated_and_named():
     assert poly.meta["calibration"]["split"] == "validation"
     assert set(poly.facet_names) <= {f"{c}{s}" for c in cats for s in ("", "_2", "_3", "_4")}
     assert len(set(poly.facet_names)) == 4
+    # one naming scheme: training's names are the specialisation analysis' names, and the stats agree
+    from sapguard.polytope.specialisation import analyse_specialisation, suggested_names
+
+    assert poly.facet_names == suggested_names(analyse_specialisation(poly, x_tr, y_tr, records))
+    assert [s["name"] for s in poly.meta["facet_stats"]] == poly.facet_names
+    assert all(any(s["name"].startswith(c) for c in s["mi_bits"]) for s in poly.meta["facet_stats"])
 
 
 def test_rejects_nan_features_and_single_class():
