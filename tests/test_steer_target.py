@@ -149,4 +149,4 @@ def test_target_benign_rows_are_optional(tiny_llama, monkeypatch):
     assert target is not None
     assert any(k.startswith("benign:safe") for rows in target.meta["rows"].values() for k in rows)
     assert make_mode("safeflow", gate).basis is None  # type: ignore[attr-defined]
-    assert gate.meta["steering"]["hook"]["first_n"] == 4  # steer_first_n's default
+    assert gate.meta["steering"]["hook"]["first_n"] == 8  # steer_first_n's default

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", "--model", "-m"),
         first_n: int = typer.Option(8, "--first-n", help="Generated indices the target covers."),
         steer_first_n: int = typer.Option(
-            4, "--steer-first-n", help="Generated indices the hook edits (stored as the artifact's first_n)."
+            8, "--steer-first-n", help="Generated indices the hook edits (stored as the artifact's first_n)."
         ),
         n_harmful: int = typer.Option(
             45, "--n-harmful", help="Harmful train requests for the target (validation: a third)."

@@ -19,8 +19,10 @@ and solved to a *margin* inside the target (``SteeringTrainConfig.safeflow_margi
 chosen on validation requests of the default model (RESULTS.md, Steering): the unrestricted
 minimal l1 edit reaches the target with small edits along directions the model's output does not
 depend on (0 of 24 validation requests refused at any margin up to 20), and a minimal edit that
-lands just inside the boundary (margin 0.5) is too weak; margin 3 on the first 4 generated indices gave
-the most coherent refusals (larger margins break the text).
+lands just inside the boundary (margin 0.5) is too weak. With the artifact of ``sap steer-train``
+(layer 16) margin 3 on the first 8 generated indices turned the most validation requests away
+without breaking the text; larger margins (5-12) break it. How far a margin moves a state depends
+on the trained target, so the margin is re-validated with every retrained artifact.
 
 On disk the gate is the artifact directory and the target its ``target/`` sub-directory (both
 ``config.json`` + ``model.safetensors``; never pickle). :func:`load_steering` loads both and
@@ -346,7 +348,7 @@ class SteeringTrainConfig:
     n_gate_wrapped: int = 30
     max_chars: int = 400
     first_n: int = 8
-    steer_first_n: int | None = 4
+    steer_first_n: int | None = 8
     max_new_tokens: int = 24
     families: tuple[str, ...] = ("handwritten", "rewrite")
     target_benign: bool = False
