@@ -23,24 +23,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.data.records import read_jsonl, write_jsonl
-from sapguard.evaluate import leave_one_out
+from sapguard.evaluate import generalisation_folds, leave_one_out, recall_at_fpr
 from sapguard.features.extract import encode_records, length_sorted_batches
 from sapguard.features.hooks import left_pad
 from sapguard.models.chat import resolve_template
 from sapguard.models.layers import block_for_layer, unwrap_hidden
 from sapguard.models.loading import load_model
+from sapguard.polytope.model import EncoderSpec
 from sapguard.polytope.train import TrainConfig, auroc, raw_scores, train_polytope
 
 HERE = Path(__file__).resolve().parent
@@ -56,18 +62,33 @@ def commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _reusable(reuse: Path | None, records: list, layers: list[int], max_length: int) -> dict[int, tuple[int, dict]]:
+    """Rows of an earlier extraction (same layers and window) whose text is unchanged: ``{new: (old, data)}``."""
+    if reuse is None:
+        return {}
+    meta = json.loads((reuse / "meta.json").read_text())
+    if meta["layers"] != layers or meta["max_length"] != max_length:
+        raise SystemExit(f"{reuse}: extracted with layers {meta['layers']}, max_length {meta['max_length']}; cannot reuse")
+    old = {r.key: i for i, r in enumerate(read_jsonl(reuse / "records.jsonl"))}
+    data = load_file(str(reuse / "features.safetensors"))
+    return {i: (old[r.key], data) for i, r in enumerate(records) if r.key in old}
+
+
 @torch.inference_mode()
-def extract(out: Path, layers: list[int], max_length: int) -> None:
+def extract(out: Path, layers: list[int], max_length: int, reuse: Path | None = None) -> None:
     records = build_default_corpus()
+    reused = _reusable(reuse, records, layers, max_length)
     lm = load_model("default")
     template = resolve_template(lm.tokenizer, "auto")
     encoded = encode_records(lm, records, "mean_prompt", template, max_length)
     assert len(encoded) == len(records)
+    encoded = [e for e in encoded if e.record_index not in reused]
+    print(f"{len(reused)} rows reused from {reuse}, {len(encoded)} to read", flush=True)
     captured: dict[int, torch.Tensor] = {}
     top = max(layers)
 
-    def make_hook(layer: int):  # noqa: ANN202
-        def hook(module, args, output):  # noqa: ANN001, ANN202
+    def make_hook(layer: int):
+        def hook(module, args, output):
             captured[layer] = unwrap_hidden(output)
             if layer == top:
                 raise _Stop
@@ -77,6 +98,8 @@ def extract(out: Path, layers: list[int], max_length: int) -> None:
     handles = [block_for_layer(lm.model, layer).register_forward_hook(make_hook(layer)) for layer in layers]
     last = torch.zeros(len(records), len(layers), lm.hidden_size, dtype=torch.float16)
     mean = torch.zeros_like(last)
+    for i, (j, data) in reused.items():
+        last[i], mean[i] = data["last"][j], data["mean"][j]
     start = time.perf_counter()
     tokens = 0
     try:
@@ -99,48 +122,97 @@ def extract(out: Path, layers: list[int], max_length: int) -> None:
     save_file({"last": last, "mean": mean}, str(out / "features.safetensors"))
     write_jsonl(out / "records.jsonl", records)
     elapsed = time.perf_counter() - start
-    (out / "meta.json").write_text(json.dumps({"layers": layers, "max_length": max_length, "tokens": tokens, "seconds": elapsed}))
+    info = {"layers": layers, "max_length": max_length, "tokens": tokens, "seconds": elapsed, "reused_rows": len(reused)}
+    (out / "meta.json").write_text(json.dumps(info))
     print(f"extracted {len(records)} texts, {tokens} tokens in {elapsed:.0f}s ({tokens / elapsed:.0f} tok/s)")
 
 
-def _fit(x: torch.Tensor, y: np.ndarray, tr: np.ndarray, va: np.ndarray, epochs: int, seed: int = 0):  # noqa: ANN202
-    cfg = TrainConfig(epochs=epochs, patience=4, seed=seed)
-    return train_polytope(x[tr], y[tr], x[va], y[va], cfg).polytope
+def parse_candidate(text: str) -> tuple[str, dict[str, object]]:
+    """``"last@18|loss=logistic,num_facets=4,encoder=identity"`` -> ("last@18", TrainConfig overrides)."""
+    rep, _, settings = text.partition("|")
+    overrides: dict[str, object] = {}
+    defaults = TrainConfig()
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key == "encoder":
+            kind, _, width = value.partition(":")
+            overrides[key] = EncoderSpec(kind=kind, width=int(width or 1024))
+        else:
+            overrides[key] = type(getattr(defaults, key))(value)
+    return rep, overrides
 
 
-def select(out: Path, epochs: int, top_k: int) -> None:
+def features(data: dict[str, torch.Tensor], layers: list[int], rep: str) -> torch.Tensor:
+    """``"last@14+last@18"`` -> the named (pooling, layer) features, concatenated."""
+    parts = [data[p][:, layers.index(int(layer))].float() for p, layer in (part.split("@") for part in rep.split("+"))]
+    return torch.cat(parts, dim=1)
+
+
+def probe_leave_one_out(x: torch.Tensor, y: np.ndarray, records: list, c: float) -> dict[str, object]:
+    """The same folds and thresholds as :func:`leave_one_out`, for a logistic-regression probe (baseline)."""
+    split = np.array([r.split for r in records])
+    rows = {}
+    for name, idx in generalisation_folds(records).items():
+        held = np.zeros(len(y), dtype=bool)
+        held[idx] = True
+        tr, va = (split == "train") & ~held, (split == "validation") & ~held
+        target = held & np.isin(split, ["train", "validation"])
+        mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
+        model = LogisticRegression(C=c, max_iter=3000).fit(((x[tr] - mu) / sd).numpy(), y[tr])
+        benign_val, scores = (model.decision_function(((z - mu) / sd).numpy()) for z in (x[va & (y == 0)], x[target]))
+        labels = y[target]
+        rows[name] = {
+            "n": int(target.sum()),
+            "n_unsafe": int(labels.sum()),
+            "recall@5%": recall_at_fpr(benign_val, scores[labels == 1], 0.05),
+            "benign_flag_rate@5%": recall_at_fpr(benign_val, scores[labels == 0], 0.05),
+        }
+    return {"folds": rows}
+
+
+def held_out_scores(loo: dict) -> dict[str, float]:  # type: ignore[type-arg]
+    """Mean held-out recall at 5 % FPR, and mean (recall - benign flag rate) over folds (wrapped benign rows
+    of a held-out family flagged as often as harmful ones score 0: the wrapper, not the request, was read)."""
+    folds = loo["folds"].values()
+    recall = [f["recall@5%"] for f in folds]
+    gap = [f["recall@5%"] - (0.0 if np.isnan(f["benign_flag_rate@5%"]) else f["benign_flag_rate@5%"]) for f in folds]
+    return {"mean_recall@5%": float(np.mean(recall)), "mean_recall_minus_benign_flag@5%": float(np.mean(gap))}
+
+
+def select(out: Path, candidates: list[str], probe_c: float | None) -> None:
+    """Validation leave-one-out for each candidate (representation x training settings); test never read."""
     data = load_file(str(out / "features.safetensors"))
     meta = json.loads((out / "meta.json").read_text())
     records = read_jsonl(out / "records.jsonl")
     y = np.array([0 if r.is_safe else 1 for r in records])
     split = np.array([r.split for r in records])
     tr, va = split == "train", split == "validation"
-    results: dict[str, object] = {
+    results: dict[str, Any] = {
         "commit": commit(),
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "layers": meta["layers"],
-        "in_distribution": {},
-        "leave_one_out_validation": {},
+        "candidates": {},
     }
-    scores = {}
-    for pooling in ("last", "mean"):
-        for j, layer in enumerate(meta["layers"]):
-            x = data[pooling][:, j].float()
-            poly = _fit(x, y, tr, va, epochs)
-            key = f"{pooling}@{layer}"
-            scores[key] = auroc(y[va], raw_scores(poly, x[va]))
-            results["in_distribution"][key] = {"val_auroc": scores[key]}  # type: ignore[index]
-            print(f"{key}: validation AUROC {scores[key]:.4f}", flush=True)
-    best = sorted(scores, key=lambda k: -scores[k])[:top_k]
-    for key in best:
-        pooling, layer = key.split("@")
-        x = data[pooling][:, meta["layers"].index(int(layer))].float()
-        loo = leave_one_out(x, y, records, TrainConfig(epochs=epochs, patience=4), report="validation", show_progress=True)
-        results["leave_one_out_validation"][key] = loo  # type: ignore[index]
-        for name, row in loo["folds"].items():
-            print(f"  {key} {name}: recall@5% {row['recall@5%']:.3f} benign flagged {row['benign_flag_rate@5%']:.3f}", flush=True)
-        print(f"{key}: {loo['summary']}", flush=True)
+    for text in candidates:
+        rep, overrides = parse_candidate(text)
+        x = features(data, meta["layers"], rep)
+        cfg = replace(TrainConfig(), **overrides)
+        start = time.perf_counter()
+        poly = train_polytope(x[tr], y[tr], x[va], y[va], cfg).polytope
+        val_auroc = auroc(y[va], raw_scores(poly, x[va]))
+        loo = leave_one_out(x, y, records, cfg, report="validation")
+        row = {"representation": rep, "train_config": cfg.to_dict(), "val_auroc": val_auroc, **held_out_scores(loo),
+               "folds": loo["folds"], "seconds": time.perf_counter() - start}
+        results["candidates"][text] = row
+        print(f"{text}: val AUROC {val_auroc:.3f}, held-out recall@5% {row['mean_recall@5%']:.3f}, "
+              f"recall - benign flag {row['mean_recall_minus_benign_flag@5%']:.3f}", flush=True)
+        if probe_c is not None and f"probe:{rep}" not in results["candidates"]:
+            loo = probe_leave_one_out(x, y, records, probe_c)
+            results["candidates"][f"probe:{rep}"] = {"representation": rep, "probe": f"logistic regression C={probe_c}",
+                                                     **held_out_scores(loo), "folds": loo["folds"]}
+            print(f"probe:{rep}: {held_out_scores(loo)}", flush=True)
     path = HERE / "results_sweep_detection.json"
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
@@ -152,14 +224,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--layers", default="10,14,18,22,26")
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--candidates", nargs="+", default=["last@18", "last@18|loss=logistic,encoder=identity,num_facets=4,lr=0.01,epochs=30,patience=30"],
+                        help="representation|TrainConfig overrides, e.g. 'last@22|loss=logistic,encoder=identity,num_facets=4'")
+    parser.add_argument("--probe-c", type=float, default=0.1, help="also score a logistic-regression probe (baseline); C")
+    parser.add_argument("--reuse", type=Path, help="an earlier extract directory: rows whose text is unchanged are copied")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     if args.step == "extract":
-        extract(args.out, [int(v) for v in args.layers.split(",")], args.max_length)
+        extract(args.out, [int(v) for v in args.layers.split(",")], args.max_length, args.reuse)
     else:
-        select(args.out, args.epochs, args.top_k)
+        select(args.out, args.candidates, args.probe_c)
 
 
 if __name__ == "__main__":

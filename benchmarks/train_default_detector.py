@@ -23,6 +23,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from sapguard.polytope.train import TrainConfig, auroc, raw_scores, train_polyto
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sweep_detection import commit  # noqa: E402
+from sweep_detection import commit, parse_candidate  # noqa: E402
 
 POLICY = {"last": "last_prompt", "mean": "mean_prompt"}
 
@@ -74,12 +75,13 @@ def main() -> None:
     parser.add_argument("--pooling", choices=tuple(POLICY), required=True)
     parser.add_argument("--layer", type=int, required=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_DETECTOR)
-    parser.add_argument("--loo-epochs", type=int, default=15)
+    parser.add_argument("--config", default="", help="TrainConfig overrides as chosen by the sweep, e.g. 'loss=logistic,num_facets=4'")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     start = time.perf_counter()
+    _, overrides = parse_candidate("|" + args.config)
+    cfg = replace(TrainConfig(), **overrides)
     fs = feature_set(args.sweep, args.pooling, args.layer)
-    poly = train_from_features(fs, TrainConfig(), show_progress=True)
+    poly = train_from_features(fs, cfg, show_progress=True)
     poly.meta["training_data"]["features_dir"] = None
     poly.meta["max_length"] = fs.manifest["max_length"]
     poly.meta["trained_by"] = " ".join(["python", *sys.argv])
@@ -94,13 +96,14 @@ def main() -> None:
     for margin in (30.0, 5.0):
         p = train_polytope(x_tr, y_tr, x_va, y_va, TrainConfig.paper(margin=margin)).polytope
         paper[f"kappa_{margin:g}"] = auroc(y_va, raw_scores(p, x_va))
-    general = generalisation_report(poly, fs, TrainConfig(epochs=args.loo_epochs, patience=4), show_progress=True)
+    general = generalisation_report(poly, fs, cfg, show_progress=True)
     result = {
         "commit": commit(),
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "representation": {"pooling": args.pooling, "layer": args.layer, "max_length": fs.manifest["max_length"]},
+        "train_config": cfg.to_dict(),
         "in_distribution_test": in_dist,
         "paper_preset_validation_auroc": paper,
         **general,

@@ -107,6 +107,7 @@ def train(
     depth: int | None = typer.Option(None, "--depth"),
     margin: float | None = typer.Option(None, "--margin", help="Margin kappa."),
     unsafe_weight: float | None = typer.Option(None, "--unsafe-weight"),
+    loss: str | None = typer.Option(None, "--loss", help="Penalty on violations: 'hinge' (the paper's) or 'logistic'."),
     lambda_f: float | None = typer.Option(None, "--lambda-f", help="L1 weight on concept features."),
     lambda_phi: float | None = typer.Option(None, "--lambda-phi", help="L1 weight on facet normals."),
     entropy_weight: float | None = typer.Option(None, "--entropy-weight"),
@@ -128,7 +129,7 @@ def train(
 
     cfg = train_config(
         preset, encoder=encoder, width=width, depth=depth, num_facets=num_facets, margin=margin,
-        unsafe_weight=unsafe_weight, lambda_f=lambda_f, lambda_phi=lambda_phi, entropy_weight=entropy_weight, lr=lr,
+        unsafe_weight=unsafe_weight, loss=loss, lambda_f=lambda_f, lambda_phi=lambda_phi, entropy_weight=entropy_weight, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, target_fpr=target_fpr, seed=seed,
     )
     poly = train_from_features(load_features(features), cfg, features_dir=features, show_progress=True)
