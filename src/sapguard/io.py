@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal, overload
 
 
 @contextlib.contextmanager
@@ -77,6 +77,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@overload
+def read_json(
+    path: str | os.PathLike[str], what: str, *, hint: str | None = None, require_object: Literal[True] = True
+) -> dict[str, Any]: ...
+
+
+@overload
+def read_json(path: str | os.PathLike[str], what: str, *, hint: str | None = None, require_object: bool) -> Any: ...
+
+
 def read_json(path: str | os.PathLike[str], what: str, *, hint: str | None = None, require_object: bool = True) -> Any:
     """Read a JSON file; one-line SapError naming it when missing or malformed.
 
@@ -85,6 +95,9 @@ def read_json(path: str | os.PathLike[str], what: str, *, hint: str | None = Non
         what: What the file is, for messages (e.g. ``"config"``, ``"metrics"``).
         hint: What the folder should be, added to the "not found" message.
         require_object: Refuse anything but a JSON object.
+
+    Returns:
+        The JSON object (a ``dict``), or with ``require_object=False`` any JSON value.
     """
     from sapguard.errors import SapError
 
