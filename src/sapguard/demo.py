@@ -14,9 +14,10 @@ from sapguard.detect import Verdict, scan
 from sapguard.evaluate import evaluate, metrics_table
 from sapguard.features.extract import extract_to_dir
 from sapguard.io import atomic_write, write_json
-from sapguard.models.loading import load_model
+from sapguard.models.loading import LoadedModel, load_model
 from sapguard.pipeline import train_from_features
 from sapguard.polytope.artifact import default_polytope
+from sapguard.polytope.model import SafetyPolytope
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def generalisation_headline() -> str:
     return card.read_text(encoding="utf-8") if card.is_file() else ""
 
 
-def steering_examples(lm: Any, poly: Any, max_new_tokens: int = 40) -> list[dict[str, str]]:
+def steering_examples(lm: LoadedModel, poly: SafetyPolytope, max_new_tokens: int = 40) -> list[dict[str, str]]:
     """The same prompts answered by the base model and under ``safeflow`` and ``refuse`` (greedy).
 
     Uses the shipped steering artifact (gate + behavioural target) when it fits ``lm``; otherwise

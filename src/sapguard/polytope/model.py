@@ -10,6 +10,7 @@ A decision offset calibrated on validation data shifts the verdict: a text is fl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,14 +129,14 @@ class SafetyPolytope(nn.Module):
     # (``sapguard.steer.steer(model, poly, mode)``) live in the layers above, which own them.
     # save_pretrained/from_pretrained import polytope.artifact lazily because artifact imports this
     # module at load time.
-    def save_pretrained(self, directory: Any) -> None:
+    def save_pretrained(self, directory: str | Path) -> None:
         """Write the artifact directory; see :func:`sapguard.polytope.artifact.save_polytope`."""
         from sapguard.polytope.artifact import save_polytope
 
         save_polytope(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: Any) -> SafetyPolytope:
+    def from_pretrained(cls, directory: str | Path) -> SafetyPolytope:
         """Load an artifact directory; see :func:`sapguard.polytope.artifact.load_polytope`."""
         from sapguard.polytope.artifact import load_polytope
 
