@@ -213,8 +213,8 @@ def select(out: Path, candidates: list[str], probe_c: float | None) -> None:
             results["candidates"][f"probe:{rep}"] = {"representation": rep, "probe": f"logistic regression C={probe_c}",
                                                      **held_out_scores(loo), "folds": loo["folds"]}
             print(f"probe:{rep}: {held_out_scores(loo)}", flush=True)
-    path = HERE / "results_sweep_detection.json"
-    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        path = HERE / "results_sweep_detection.json"  # rewritten after every candidate
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
 
 
