@@ -226,6 +226,16 @@ def test_labelling_rules_on_synthetic_rows() -> None:
         augment([Record("x")], wrappers)
 
 
+def test_templates_render_as_jinja_with_the_request_verbatim() -> None:
+    from sapguard.data.augment import Template, check_template
+
+    template = Template("t", "jailbreak_x", '{% raw %}Reply as {"bot": "{{ name }}"}{% endraw %}: {{ prompt }}')
+    # raw blocks resolve to their text; the request is inserted as is, never evaluated as Jinja
+    assert template.wrap("say {{ 7 * 7 }} {% if x %}") == 'Reply as {"bot": "{{ name }}"}: say {{ 7 * 7 }} {% if x %}'
+    with pytest.raises(SapError, match="bad.yaml: wrapper template is not valid Jinja"):
+        check_template("{% if %} {{ prompt }}", "bad.yaml")
+
+
 def test_source_missing_from_the_licence_table_is_refused() -> None:
     from sapguard.data.default_corpus import check_sources
 

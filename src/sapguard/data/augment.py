@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import hashlib
 import logging
 import re
@@ -32,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import yaml
+from jinja2 import TemplateError
+from jinja2.sandbox import SandboxedEnvironment
 
 from sapguard.data.records import SPLITS, Record
 from sapguard.data.splits import content_tokens, near_duplicate_components
@@ -87,13 +90,30 @@ class Template:
     split: str = "train"
 
     def wrap(self, request: str) -> str:
-        return self.text.replace(PLACEHOLDER, request)
+        """The template rendered with ``request`` as its ``prompt`` (Jinja, sandboxed).
+
+        Rendering (not string replacement) resolves PyRIT's ``{% raw %}`` blocks, which protect
+        literal braces in a template; the request itself is inserted verbatim, never evaluated.
+        """
+        return _compiled(self.text).render(prompt=request)
+
+
+_JINJA = SandboxedEnvironment(keep_trailing_newline=True, autoescape=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(text: str):  # noqa: ANN202 - a jinja2 Template
+    return _JINJA.from_string(text)
 
 
 def check_template(text: str, where: str) -> str:
-    """Raise :class:`SapError` naming ``where`` unless ``text`` holds the placeholder."""
+    """Raise :class:`SapError` naming ``where`` unless ``text`` holds the placeholder and renders."""
     if PLACEHOLDER not in text:
         raise SapError(f"{where}: wrapper template has no {PLACEHOLDER} placeholder")
+    try:
+        _compiled(text)
+    except TemplateError as err:
+        raise SapError(f"{where}: wrapper template is not valid Jinja ({err})") from None
     return text
 
 
@@ -127,6 +147,7 @@ def read_templates(read: Reader, members: Sequence[str]) -> list[Template]:
         if (doc or {}).get("parameters") != ["prompt"] or PLACEHOLDER not in text or len(text) > MAX_TEMPLATE_CHARS:
             continue
         name = str(doc.get("name") or sub)
+        check_template(text, member)
         out.append(Template(name=name, family=f"jailbreak_{TEMPLATE_COLLECTIONS[collection]}", text=text.strip()))
     comps = near_duplicate_components([content_tokens(t.text.replace(PLACEHOLDER, "")) for t in out], TEMPLATE_FAMILY_JACCARD)
     anchors = {c: out[c].text for c in set(comps)}
