@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from sapguard.cli.common import JSON_OPTION, VERBOSE_OPTION, emit_json, handle_errors, setup_logging, table
 from sapguard.errors import SapError
 from sapguard.io import read_json
+
+if TYPE_CHECKING:
+    from sapguard.features.store import FeatureSet
+    from sapguard.polytope.model import SafetyPolytope
+    from sapguard.polytope.specialisation import Specialisation
 
 POLYTOPE = typer.Option(..., "--polytope", "-p", help="Polytope artifact directory.")
 FEATURES = typer.Option(
@@ -29,14 +34,14 @@ HTML_OUT = typer.Option(None, "--html", help="Also write the highlighted sentenc
 TEXT = typer.Argument(..., help="The text to attribute.")
 
 
-def _load(polytope: Path, features: Path) -> tuple[Any, Any]:
+def _load(polytope: Path, features: Path) -> tuple[SafetyPolytope, FeatureSet]:
     from sapguard.features.store import load_features
     from sapguard.polytope.artifact import load_polytope
 
     return load_polytope(polytope), load_features(features)
 
 
-def _matching_rows(spec: Any) -> list[list[str]]:
+def _matching_rows(spec: Specialisation) -> list[list[str]]:
     rows = dict(zip(spec.categories, spec.category_rows))
     return [
         [
