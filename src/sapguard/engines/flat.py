@@ -392,8 +392,8 @@ class FlatGuard:
             delta[rows[idx[changed]].to(device)] = change[changed.to(device)].to(stream.dtype)
             steps = result.steps.cpu()
             for k, j in enumerate(idx.tolist()):
-                rec = self.records.get(reqs.req_ids[int(r_owner[j])])
-                if rec is not None and bool(changed[k]):
-                    rec.edited_tokens += 1
-                    rec.steps += int(steps[k])
+                edited = self.records.get(reqs.req_ids[int(r_owner[j])])
+                if edited is not None and bool(changed[k]):
+                    edited.edited_tokens += 1
+                    edited.steps += int(steps[k])
         return delta
