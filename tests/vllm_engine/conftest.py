@@ -22,10 +22,15 @@ else:
 
 @pytest.fixture(scope="session")
 def llm():
-    """One engine for the session (starting one takes 25-60 s on 2 CPU cores)."""
+    """One engine for the session (starting one takes 25-60 s on 2 CPU cores).
+
+    A 64-token step budget forces chunked prefill: the four test prompts (36-44 tokens each) are
+    split across steps that mix one request's prefill chunk with another's decode rows, which is
+    what continuous batching does under load.
+    """
     from sapguard.engines.vllm import build_llm
 
-    engine = build_llm("default")
+    engine = build_llm("default", max_num_batched_tokens=64, max_num_seqs=16)
     yield engine
 
 

@@ -27,6 +27,8 @@ def test_features_match_transformers_at_every_prompt_position(llm, lm):
     poly = default_polytope()
     with VLLMGuard(llm, "default") as guard:
         feats = guard.features(PROMPTS, positions="prompt")
+        steps = llm.collective_rpc("sapguard_info")[0]["hook_calls"]
+        assert steps >= 3  # ~160 prompt tokens in 64-token steps: prefill was chunked (conftest)
         for prompt, f in zip(PROMPTS, feats):
             ids = guard.encode(prompt)
             with LayerReader(lm.model, 18, stop=True) as reader:
