@@ -126,3 +126,35 @@ def test_recall_at_fpr() -> None:
     benign = np.arange(100, dtype=float)
     assert recall_at_fpr(benign, np.array([96.5, 97.5, 10.0]), 0.05) == pytest.approx(2 / 3)
     assert np.isnan(recall_at_fpr(benign, np.array([]), 0.05))
+
+
+def _binary_metrics_by_hand(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """The counts-by-hand implementation binary_metrics had before it used sklearn's confusion matrix."""
+    pred = scores > threshold
+    pos = labels == 1
+    tp, fp = int((pred & pos).sum()), int((pred & ~pos).sum())
+    fn, tn = int((~pred & pos).sum()), int((~pred & ~pos).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": len(labels),
+        "n_unsafe": int(pos.sum()),
+        "accuracy": (tp + tn) / len(labels) if len(labels) else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "fpr": fp / (fp + tn) if fp + tn else float("nan"),
+    }
+
+
+def test_binary_metrics_equal_the_counts_by_hand() -> None:
+    from sapguard.evaluate import binary_metrics
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 2, n), rng.normal(size=n), t) for n in (1, 2, 7, 50, 300) for t in (-0.5, 0.0, 0.7)]
+    cases += [(np.zeros(9, dtype=int), rng.normal(size=9), 0.0), (np.ones(9, dtype=int), rng.normal(size=9), 0.0)]
+    cases += [(np.array([0, 1, 1]), np.array([-1.0, -2.0, -3.0]), 5.0), (np.zeros(0, dtype=int), np.zeros(0), 0.0)]
+    for labels, scores, threshold in cases:
+        got, want = binary_metrics(labels, scores, threshold), _binary_metrics_by_hand(labels, scores, threshold)
+        for key, value in want.items():
+            assert (np.isnan(value) and np.isnan(got[key])) or abs(got[key] - value) <= 1e-12, (key, got[key], value)

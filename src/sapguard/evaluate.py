@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
 from sapguard.data.records import Record
 from sapguard.errors import SapError
@@ -22,18 +22,15 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
     """Accuracy, precision, recall, F1, FPR at ``threshold`` and AUROC / PR-AUC of ``scores``."""
     pred = scores > threshold
     pos = labels == 1
-    tp, fp = int((pred & pos).sum()), int((pred & ~pos).sum())
-    fn, tn = int((~pred & pos).sum()), int((~pred & ~pos).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(pos, pred, labels=[False, True]).ravel()) if len(labels) else (0,) * 4
     both = len(set(labels.tolist())) == 2
     return {
         "n": len(labels),
         "n_unsafe": int(pos.sum()),
         "accuracy": (tp + tn) / len(labels) if len(labels) else float("nan"),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
         "fpr": fp / (fp + tn) if fp + tn else float("nan"),
         "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
         "pr_auc": float(average_precision_score(labels, scores)) if both else float("nan"),
