@@ -403,10 +403,14 @@ class VLLMGuard:
         self.layer = check_attach(self.poly, self.config, identity)
         try:
             infos = llm.collective_rpc("sapguard_attach", args=(json.dumps(self.config.to_dict()),))
-        except (AttributeError, NotImplementedError) as err:
+        except (AttributeError, NotImplementedError, RuntimeError) as err:
+            # in-process engines raise NotImplementedError("Method 'sapguard_attach' is not
+            # implemented."); engine-core processes report it inside a RuntimeError
+            if isinstance(err, RuntimeError) and "not implemented" not in str(err):
+                raise
             raise SapError(
                 "this vLLM engine was built without sapguard's worker extension; build it with "
-                f"sapguard.engines.vllm.build_llm or LLM(..., worker_extension_cls={WORKER_EXTENSION!r}) ({err})"
+                f"sapguard.engines.vllm.build_llm or LLM(..., worker_extension_cls={WORKER_EXTENSION!r})"
             ) from None
         self.info: dict[str, Any] = infos[0]
         self.modes: tuple[str, ...] = available_modes(self.poly)
@@ -423,9 +427,16 @@ class VLLMGuard:
         self.detach()
 
     def sampling_params(self, base: Any = None, *, mode: str | None = None, capture: str | None = None, **kwargs: Any) -> Any:
-        """``SamplingParams`` carrying the request's mode in ``extra_args`` (validated here)."""
+        """``SamplingParams`` carrying the request's mode in ``extra_args`` (validated here).
+
+        Args:
+            base: A ``SamplingParams`` to copy (then ``kwargs`` must be empty), else one is built
+                from ``kwargs``.
+        """
         from vllm import SamplingParams
 
+        if base is not None and kwargs:
+            raise SapError("pass either a base SamplingParams or keyword arguments, not both")
         params = copy.deepcopy(base) if base is not None else SamplingParams(**kwargs)
         extra = dict(params.extra_args or {})
         if mode is not None:
@@ -465,7 +476,10 @@ class VLLMGuard:
         """
         if modes is not None and len(modes) != len(prompts):
             raise SapError(f"{len(modes)} modes for {len(prompts)} prompts")
-        sampling_kwargs.setdefault("temperature", 0.0)
+        if sampling_params is not None and sampling_kwargs:
+            raise SapError("pass either sampling_params or sampling keyword arguments, not both")
+        if sampling_params is None:
+            sampling_kwargs.setdefault("temperature", 0.0)
         per_mode = list(modes) if modes is not None else [mode] * len(prompts)
         params = [self.sampling_params(sampling_params, mode=m, capture=capture, **sampling_kwargs) for m in per_mode]
         inputs = [{"prompt_token_ids": self.encode(p, template)} for p in prompts]
