@@ -92,6 +92,28 @@ def run_transformers(lm: Any, poly: Any, prompts: list[str], batch: int, tokens:
     return _rates(sum(len(o.token_ids) for o in outs), time.perf_counter() - start, time.process_time() - cpu)
 
 
+def bench_extract(llm: Any, n: int) -> dict[str, Any]:
+    """Prompt features (last prompt token, layer 18) of ``n`` default-corpus texts: vLLM vs transformers."""
+    from sapguard.data.default_corpus import build_default_corpus
+    from sapguard.engines.vllm_extract import extract_with_vllm
+    from sapguard.features.extract import extract_features
+    from sapguard.models.loading import load_model
+
+    records = build_default_corpus()[:n]
+    out: dict[str, Any] = {"records": len(records)}
+    start, cpu = time.perf_counter(), time.process_time()
+    feats_v, _, _ = extract_with_vllm(llm, records, 18, template="chat", max_length=512)
+    out["vllm"] = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
+    lm = load_model("default")
+    start, cpu = time.perf_counter(), time.process_time()
+    feats_t, _, _ = extract_features(lm, records, 18, template="chat", max_length=512, batch_size=32)
+    out["transformers"] = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
+    out["texts_per_cpu_s"] = {k: len(records) / out[k]["cpu_seconds"] for k in ("vllm", "transformers")}
+    out["max_rel_diff"] = float(((feats_v - feats_t).abs() / (1 + feats_t.abs())).max())
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32, help="generated tokens per request")
@@ -99,6 +121,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the overhead ratio")
     parser.add_argument("--serial-requests", type=int, default=4, help="requests at concurrency 1")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--extract-only", type=int, default=0, metavar="N",
+                        help="only compare feature extraction of N default-corpus texts (vLLM vs transformers)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_vllm.json"))
     args = parser.parse_args()
 
@@ -110,6 +134,13 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = build_llm("default", max_num_seqs=max(32, args.requests))
     startup = time.perf_counter() - t0
+    if args.extract_only:
+        result = bench_extract(llm, args.extract_only)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result["meta"] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+                          "command": f"OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/bench_vllm.py --extract-only {args.extract_only} --out {args.out}"}
+        args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return
     benign = _prompts(BENIGN, args.requests)
     harmful = _prompts(HARMFUL, args.requests)
     results: dict[str, Any] = {"engine_startup_s": startup, "rows": []}
@@ -179,7 +210,8 @@ def main() -> None:
         "tokens_per_request": args.tokens,
         "requests": args.requests,
         "command": "OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/bench_vllm.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_transformers")),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if k not in ("out", "skip_transformers", "extract_only")),
     }
     args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=2))
