@@ -67,3 +67,12 @@ def test_engine_without_the_extension(llm, monkeypatch):
     monkeypatch.setattr(llm, "collective_rpc", missing)
     with pytest.raises(SapError, match="without sapguard's worker extension"):
         VLLMGuard(llm, "default")
+
+
+def test_polytope_for_another_model(llm, tmp_path):
+    path = tmp_path / "other"
+    meta = {"layer": 18, "base_model": {"id": "Qwen/Qwen2-1.5B-Instruct"}}
+    SafetyPolytope(576, 4, EncoderSpec(width=8), meta=meta).save_pretrained(path)
+    with pytest.raises(SapError) as err:
+        VLLMGuard(llm, path)
+    assert "trained on 'Qwen/Qwen2-1.5B-Instruct'" in _one_line(err)
