@@ -100,7 +100,7 @@ def extract(
 def train(
     features: Path = typer.Option(..., "--features", "-f", help="Features directory from `sap extract`."),
     out: Path = typer.Option(..., "--out", "-o", help="Polytope directory to write."),
-    preset: str = typer.Option("default", "--preset", help="'default' (tuned for the default model) or 'paper' (published settings)."),
+    preset: str = typer.Option("default", "--preset", help="'default' (chosen by held-out generalisation), 'concept-mlp' (16 facets on a ReLU encoder) or 'paper' (published)."),
     num_facets: int | None = typer.Option(None, "--num-facets", "-k"),
     encoder: str | None = typer.Option(None, "--encoder", help="mlp or identity."),
     width: int | None = typer.Option(None, "--width", help="Concept width F (paper: 16384)."),

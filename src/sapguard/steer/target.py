@@ -253,7 +253,7 @@ def train_target(
         y[tr],
         x[torch.from_numpy(va)],
         y[va],
-        train_config or TrainConfig(),
+        train_config or TrainConfig.concept_mlp(),
         meta=meta,
         show_progress=show_progress,
     )
@@ -313,7 +313,7 @@ def train_gate(
         parts["train"][1],
         parts["validation"][0],
         parts["validation"][1],
-        train_config or TrainConfig(),
+        train_config or TrainConfig.concept_mlp(),
         train_records=parts["train"][2],
         meta=meta,
         show_progress=show_progress,
