@@ -52,7 +52,8 @@ def test_default_model_redirect_edits_and_traces(lm):
 
 def test_shipped_steering_artifact_on_the_default_model(lm):
     """The demo's artifact: benign prompt bit-identical; the pipe-bomb request fires and every edit
-    lands inside the target with the margin (the final iterate is what the model sees)."""
+    lands inside the target with the artifact's margin, along the refusal direction, and changes the
+    answer (the final iterate is what the model sees)."""
     from sapguard.demo import STEER_PROMPTS, STEERING_ASSET
     from sapguard.steer.target import load_steering, target_of
 
@@ -65,4 +66,8 @@ def test_shipped_steering_artifact_on_the_default_model(lm):
     g = generate(lm, [bomb], gate, "safeflow", max_new_tokens=8)[0]
     edited = [t for t in g.trace if t.edited]
     assert g.summary.fired_steered > 0 and edited
-    assert all(t.margin_after <= -1.0 + 1e-3 for t in edited)  # target margins of the final iterates
+    margin = gate.meta["steering"]["defaults"]["safeflow"]["margin"]
+    assert all(t.margin_after <= -margin + 1e-3 for t in edited)  # target margins of the final iterates
+    assert all(abs(t.edit_cosine - 1.0) < 1e-3 for t in edited)  # along the refusal direction only
+    base_bomb = generate(lm, [bomb], None, None, max_new_tokens=8)[0]
+    assert g.token_ids != base_bomb.token_ids  # the edit changes what the model says

@@ -163,9 +163,10 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
+            # rstrip only: a porcelain line starts with a space when the index is clean (" M path")
             return subprocess.run(
                 ["git", *args], capture_output=True, text=True, timeout=10, check=False
-            ).stdout.strip()
+            ).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
