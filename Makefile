@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/sap demo --out runs/demo
 
 test: install
+	$(MAKE) lint
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
