@@ -8,9 +8,9 @@ Configurations, each at 1 and 32 concurrent requests (offline ``LLM.generate``: 
 submitted together are scheduled by vLLM's continuous batching; "1" runs them one at a time):
 
 - ``vllm``: no hook (detached);
-- ``vllm+hook``: the shipped detector (layer 18) in mode ``detect`` on benign prompts: margins
+- ``vllm+hook``: the shipped detector in mode ``detect`` on benign prompts: margins
   for every scheduled token, nothing is edited (the hook never fires an edit);
-- ``vllm+hook firing``: the shipped steering artifact (layer 20) in mode ``safeflow`` on harmful
+- ``vllm+hook firing``: the shipped steering artifact in mode ``safeflow`` on harmful
   prompts: the gate fires and the first tokens are edited;
 - ``transformers+hook``: :func:`sapguard.steer.generate.generate` with the detector in mode
   ``detect`` (batch 1 and 32, left padding, KV cache).

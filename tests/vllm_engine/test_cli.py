@@ -28,8 +28,12 @@ def _sap(*args: str) -> subprocess.CompletedProcess:
 def test_extract_and_detect_with_the_vllm_engine(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "is_safe": i % 2 == 0}) + "\n" for i, p in enumerate(PROMPTS)))
+    from sapguard.polytope.artifact import default_polytope
+
+    poly = default_polytope()
     out = tmp_path / "feats"
-    res = _sap("extract", "--engine", "vllm", "--data", str(data), "--out", str(out), "--layer", "18", "--json")
+    layer = str(poly.meta["layer"])
+    res = _sap("extract", "--engine", "vllm", "--data", str(data), "--out", str(out), "--layer", layer, "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     fs = load_features(out)
     assert fs.features.shape == (len(PROMPTS), 576) and fs.manifest["engine"] == "vllm"
@@ -39,11 +43,9 @@ def test_extract_and_detect_with_the_vllm_engine(tmp_path):
     text = res.stdout
     start = 0 if text.startswith("[\n") else text.rindex("\n[\n") + 1  # vLLM may log to stdout too
     verdicts, _ = json.JSONDecoder().raw_decode(text, start)
-    assert [v["is_safe"] for v in verdicts] == [True, False, True, False]
-    from sapguard.polytope.artifact import default_polytope
-
-    scores = default_polytope().score(fs.features).tolist()
+    scores = poly.score(fs.features).tolist()
     assert [v["score"] for v in verdicts] == pytest.approx(scores, abs=1e-3)
+    assert [v["is_safe"] for v in verdicts] == [s <= 0 for s in scores]
 
 
 def test_unknown_engine():

@@ -21,17 +21,18 @@ def lm():
 
 
 def test_features_match_transformers_at_every_prompt_position(llm, lm):
-    """vLLM's (hidden_states + residual) at block 18 equals transformers' hidden_states[18]."""
+    """vLLM's (hidden_states + residual) at the polytope's block equals transformers' hidden_states[L]."""
     from sapguard.polytope.artifact import default_polytope
 
     poly = default_polytope()
+    layer = int(poly.meta["layer"])
     with VLLMGuard(llm, "default") as guard:
         feats = guard.features(PROMPTS, positions="prompt")
         steps = llm.collective_rpc("sapguard_info")[0]["hook_calls"]
         assert steps >= 3  # ~160 prompt tokens in 64-token steps: prefill was chunked (conftest)
         for prompt, f in zip(PROMPTS, feats):
             ids = guard.encode(prompt)
-            with LayerReader(lm.model, 18, stop=True) as reader:
+            with LayerReader(lm.model, layer, stop=True) as reader:
                 h = reader.run(input_ids=torch.tensor([ids]))[0]
             assert f.shape == h.shape == (len(ids), 576)
             diff = (f - h).abs()
@@ -40,7 +41,7 @@ def test_features_match_transformers_at_every_prompt_position(llm, lm):
             # The first position carries a ~2.5e4 "massive activation" (one fp32 ulp there is
             # ~2e-3), so a purely absolute 1e-4 cannot hold on it.
             assert float((diff / (1 + h.abs())).max()) <= 1e-4
-            assert float(diff.median()) <= 1e-5
+            assert float(diff.median()) <= 5e-5  # typical element: ~1e-5 at layers 18-22
             margins = poly.margins(torch.stack([f, h]))
             assert float((margins[0] - margins[1]).abs().max()) <= 1e-3
 
@@ -55,7 +56,8 @@ def test_verdicts_match_scan(llm, lm):
         assert g.is_safe == w.is_safe
         assert g.score == pytest.approx(w.score, abs=1e-3)
         assert g.violated == w.violated
-    assert [g.is_safe for g in got] == [True, False, True, False]
+    # the shipped detector is retrained from time to time: only require both verdicts to occur
+    assert {g.is_safe for g in got} == {True, False}
 
 
 def test_greedy_identical_when_no_edit_fires(llm):
@@ -70,24 +72,26 @@ def test_greedy_identical_when_no_edit_fires(llm):
 
 @pytest.mark.parametrize("mode", ["safeflow", "redirect"])
 def test_steered_greedy_matches_transformers(llm, lm, mode):
-    """The shipped steering artifact (gate + target, layer 20): token for token where edits agree."""
-    prompts = PROMPTS[:2]
+    """The shipped steering artifact (gate + target): token for token, the same positions edited."""
     with VLLMGuard(llm, "steering", mode=mode) as guard:
-        got = guard.generate(prompts, max_tokens=16)
-    want = generate(lm, prompts, load_guard_polytope("steering"), mode=mode, max_new_tokens=16, batch_size=1)
+        got = guard.generate(PROMPTS, max_tokens=16)
+    want = generate(lm, PROMPTS, load_guard_polytope("steering"), mode=mode, max_new_tokens=16, batch_size=1)
     assert [o.token_ids for o in got] == [w.token_ids for w in want]
-    assert got[0].record["edited_tokens"] == 0  # benign: the gate does not fire
-    assert got[1].record["edited_tokens"] == want[1].summary.edited_tokens > 0
+    assert [o.record["edited_tokens"] for o in got] == [w.summary.edited_tokens for w in want]
+    assert sum(o.record["edited_tokens"] for o in got) > 0  # some gate fired: edits were compared
 
 
 def test_modes_per_request_in_one_batch(llm):
     with VLLMGuard(llm, "default", mode="detect") as guard:
-        outs = guard.generate(PROMPTS, max_tokens=10, modes=["refuse", "refuse", "off", None])
-    assert outs[0].refused is False and outs[0].verdict.is_safe
-    assert outs[1].refused is True and outs[1].text == "I can't help with that request."
-    assert outs[2].mode == "off" and outs[2].verdict is None
-    assert outs[3].mode == "detect" and not outs[3].verdict.is_safe
-    assert outs[3].record["token_scores"][0][0] == 0  # per generated token scores, g = 0 first
+        flagged = [not v.is_safe for v in guard.scan(PROMPTS)]
+        outs = guard.generate(PROMPTS * 2, max_tokens=10, modes=["refuse"] * 4 + ["off", None, "off", None])
+    assert any(flagged) and not all(flagged)
+    for out, fired in zip(outs[:4], flagged):  # refuse: the fixed refusal exactly where the prompt fires
+        assert out.mode == "refuse" and out.refused is fired and out.verdict.is_safe is not fired
+        assert (out.text == "I can't help with that request.") is fired
+    assert all(o.mode == "off" and o.verdict is None and o.record == {} for o in outs[4::2])
+    assert all(o.mode == "detect" and o.verdict is not None for o in outs[5::2])
+    assert outs[5].record["token_scores"][0][0] == 0  # per generated token scores, g = 0 first
 
 
 @pytest.mark.parametrize("policy", ["last_prompt", "mean_prompt", "response_tokens"])
