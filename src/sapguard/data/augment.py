@@ -31,7 +31,9 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
+import jinja2
 import yaml
 from jinja2 import TemplateError
 from jinja2.sandbox import SandboxedEnvironment
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 Reader = Callable[[str], bytes]
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+T = TypeVar("T")
 
 PLACEHOLDER = "{{ prompt }}"
 TEMPLATE_DIR = "pyrit/datasets/jailbreak/templates/"
@@ -102,7 +106,7 @@ _JINJA = SandboxedEnvironment(keep_trailing_newline=True, autoescape=False)
 
 
 @functools.lru_cache(maxsize=4096)
-def _compiled(text: str):  # noqa: ANN202 - a jinja2 Template
+def _compiled(text: str) -> jinja2.Template:
     return _JINJA.from_string(text)
 
 
@@ -222,7 +226,7 @@ CODE_CONNECTORS = (
 
 def document_chunks(read: Reader) -> list[tuple[str, str, str]]:
     """``(kind, text, split)`` chunks of 800-1,500 characters cut at line breaks from the documents."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     for member, kind in DOCUMENTS:
         text = read(member).decode("utf-8", errors="strict")
         lines = text.splitlines()
@@ -253,7 +257,7 @@ class Wrappers:
         return [t for t in self.templates if t.split == split], [d for d in self.documents if d[2] == split]
 
 
-def _pick(seq: Sequence[object], key: str) -> object:
+def _pick(seq: Sequence[T], key: str) -> T:
     return seq[int(_unit(key) * len(seq))]
 
 
@@ -291,7 +295,7 @@ def augment(records: Sequence[Record], wrappers: Wrappers, rates: dict[str, floa
                 body = wrappers.code_attack[variant].replace("{{ wrapped_input }}", _code_encodings(r.prompt)[variant])
                 out.append(replace(r, prompt=body.strip(), wrapper=f"code_attack/{variant}"))
             elif kind == "long_context" and docs:
-                doc_kind, doc, _ = _pick(docs, "doc:" + r.prompt)  # type: ignore[misc]
+                doc_kind, doc, _ = _pick(docs, "doc:" + r.prompt)
                 connectors = CODE_CONNECTORS if doc_kind == "code" else CONNECTORS
                 form = str(_pick(connectors, "conn:" + r.prompt))
                 out.append(replace(r, prompt=form.format(doc=doc, request=r.prompt), wrapper=f"long_context/{doc_kind}"))
