@@ -185,21 +185,24 @@ def scan(
     margins = torch.full((len(texts), poly.num_facets), float("-inf"))
     margins.scatter_reduce_(0, owners[:, None].expand_as(piece_margins), piece_margins, reduce="amax")
     counts = torch.bincount(owners, minlength=len(texts)).tolist()
-    risk = (poly.meta.get("calibration") or {}).get("risk", {"a": 1.0, "b": 0.0})
+    return [
+        verdict_from_margins(poly, text, row, windows=n) for text, row, n in zip(texts, margins.tolist(), counts)
+    ]
+
+
+def verdict_from_margins(poly: SafetyPolytope, text: str, margins: Sequence[float], windows: int = 1) -> Verdict:
+    """The :class:`Verdict` for one text from its row of facet margins (risk from the calibration)."""
     names = poly.facet_names
-    verdicts = []
-    for text, row, n in zip(texts, margins.tolist(), counts):
-        score = max(row)
-        order = sorted(range(len(row)), key=lambda k: -row[k])
-        verdicts.append(
-            Verdict(
-                text=text,
-                is_safe=score <= 0,
-                risk_score=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, risk["a"] * score + risk["b"])))),
-                score=score,
-                margins={names[k]: row[k] for k in range(len(row))},
-                violated=[names[k] for k in order if row[k] > 0],
-                windows=n,
-            )
-        )
-    return verdicts
+    row = [float(m) for m in margins]
+    score = max(row)
+    risk = (poly.meta.get("calibration") or {}).get("risk", {"a": 1.0, "b": 0.0})
+    order = sorted(range(len(row)), key=lambda k: -row[k])
+    return Verdict(
+        text=text,
+        is_safe=score <= 0,
+        risk_score=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, risk["a"] * score + risk["b"])))),
+        score=score,
+        margins={names[k]: row[k] for k in range(len(row))},
+        violated=[names[k] for k in order if row[k] > 0],
+        windows=windows,
+    )

@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from typing import Any
 
 import torch
 
-from sapguard.detect import Verdict
+from sapguard.detect import Verdict, verdict_from_margins
 from sapguard.engines.flat import (
     CAPTURE_KEY,
     MODE_KEY,
@@ -326,23 +325,6 @@ class SapguardWorkerExtension:
 
 
 # -- client side -----------------------------------------------------------------------------------
-def verdict_from_margins(poly: SafetyPolytope, text: str, margins: Sequence[float]) -> Verdict:
-    """A :class:`~sapguard.detect.Verdict` from one row of margins (the same fields as ``scan``)."""
-    names = poly.facet_names
-    row = [float(m) for m in margins]
-    score = max(row)
-    risk = (poly.meta.get("calibration") or {}).get("risk", {"a": 1.0, "b": 0.0})
-    order = sorted(range(len(row)), key=lambda k: -row[k])
-    return Verdict(
-        text=text,
-        is_safe=score <= 0,
-        risk_score=1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, risk["a"] * score + risk["b"])))),
-        score=score,
-        margins={names[k]: row[k] for k in range(len(row))},
-        violated=[names[k] for k in order if row[k] > 0],
-    )
-
-
 @dataclass
 class GuardedOutput:
     """One request's generation and what the polytope said about it.
