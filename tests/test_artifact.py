@@ -101,3 +101,15 @@ def test_save_over_existing_directory_replaces_it(poly, tmp_path):
     poly.save_pretrained(tmp_path / "p")
     assert load_polytope(tmp_path / "p").facet_names == ["x", "y", "z"]
     assert [p.name for p in tmp_path.iterdir()] == ["p"]
+
+
+def test_artifact_module_keeps_its_api():
+    """The format moved beside the class (no model <-> artifact cycle); artifact still exports it all."""
+    from sapguard.polytope import artifact, model
+
+    for name in ("CONFIG", "WEIGHTS", "CARD", "FORMAT", "FORMAT_VERSION", "save_polytope", "load_polytope",
+                 "read_config", "polytope_config", "model_card"):
+        assert getattr(artifact, name) is getattr(model, name)
+    for name in ("check_compatible", "default_polytope", "load_polytope_spec", "DEFAULT_DETECTOR"):
+        assert hasattr(artifact, name)
+    assert artifact.DEFAULT_DETECTOR.parent.name == "assets"
