@@ -13,12 +13,17 @@ Wrapper families (the ``wrapper`` field of a row is ``"<family>/<variant>"``):
 - ``cipher``: leetspeak, spaced letters, Base64 and ROT13 with a decoding instruction (as PyRIT's
   converters and CipherChat do);
 - ``code_attack``: the request embedded in PyRIT's CodeAttack code-completion templates;
-- ``long_context``: a benign document or source file from the wheels, then the request.
+- ``long_context``: a benign document or source file from the wheels, then the request;
+- ``multi_turn``: the request as the last user turn of a chat, after 1-3 earlier benign question /
+  answer exchanges (``Record.history``; variant ``"<n>_earlier"``). The row is labelled by that last
+  request: the earlier turns are harmless factual exchanges, so the conversation asks for exactly
+  what its last request asks for (a harmful request after small talk is the "warm-up" pattern of
+  multi-turn attacks; a benign one stays benign).
 
 Splits hold by construction: a row takes the group and split of its request; templates (clustered
-into near-duplicate families) and documents are assigned to splits by hash, and a request is only
-ever wrapped with templates and documents of its own split, so no test template or document is
-seen in training.
+into near-duplicate families), documents and earlier-turn exchanges are assigned to splits, and a
+request is only ever wrapped with templates, documents and exchanges of its own split, so no test
+template, document or chat history is seen in training.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import jinja2
@@ -78,8 +83,13 @@ DOCUMENTS = (
 )
 DOC_CHUNK_CHARS = (800, 1500)
 
-#: Rate of each augmentation per plain request (decided by a hash of the request, so deterministic).
-RATES = {"jailbreak": 0.2, "cipher": 0.1, "code_attack": 0.07, "long_context": 0.1}
+HISTORY_TURNS = (1, 3)
+"""Fewest and most earlier exchanges before the request of a ``multi_turn`` row."""
+
+#: Rate of each augmentation per plain request (decided by a hash of the request, so deterministic;
+#: the families are exclusive: a request gets at most one). ``multi_turn`` is sized so that the
+#: default corpus passes 10,000 rows.
+RATES = {"jailbreak": 0.2, "cipher": 0.1, "code_attack": 0.07, "long_context": 0.1, "multi_turn": 0.37}
 #: Sources whose rows are long already or not requests; they are never augmented.
 NOT_AUGMENTED = frozenset({"inspect_evals/writingbench_long"})
 
@@ -245,6 +255,15 @@ def document_chunks(read: Reader) -> list[tuple[str, str, str]]:
 
 # ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Exchange:
+    """A benign earlier chat turn: a user question and the assistant's answer, assigned to a split."""
+
+    user: str
+    assistant: str
+    split: str
+
+
 @dataclass
 class Wrappers:
     """Everything the augmentations draw from, each item already assigned to a split."""
@@ -252,9 +271,14 @@ class Wrappers:
     templates: list[Template]
     code_attack: dict[str, str]
     documents: list[tuple[str, str, str]]
+    exchanges: list[Exchange] = field(default_factory=list)
 
     def for_split(self, split: str) -> tuple[list[Template], list[tuple[str, str, str]]]:
         return [t for t in self.templates if t.split == split], [d for d in self.documents if d[2] == split]
+
+    def exchanges_for(self, split: str) -> list[Exchange]:
+        """The split's exchanges in a fixed pseudo-random order (neighbours are unrelated)."""
+        return sorted((e for e in self.exchanges if e.split == split), key=lambda e: _unit("exchange:" + e.user))
 
 
 def _pick(seq: Sequence[T], key: str) -> T:
@@ -270,11 +294,12 @@ def augment(records: Sequence[Record], wrappers: Wrappers, rates: dict[str, floa
     """
     rates = dict(RATES if rates is None else rates)
     by_split = {s: wrappers.for_split(s) for s in SPLITS}
+    exchanges = {s: wrappers.exchanges_for(s) for s in SPLITS}
     out: list[Record] = []
     for r in records:
         if r.split is None:
             raise SapError("augment() needs split records; split them first")
-        if r.source in NOT_AUGMENTED or r.wrapper is not None or r.response is not None:
+        if r.source in NOT_AUGMENTED or r.wrapper is not None or r.response is not None or r.history:
             continue
         templates, docs = by_split[r.split]
         u = _unit("aug:" + r.prompt)
@@ -299,7 +324,22 @@ def augment(records: Sequence[Record], wrappers: Wrappers, rates: dict[str, floa
                 connectors = CODE_CONNECTORS if doc_kind == "code" else CONNECTORS
                 form = str(_pick(connectors, "conn:" + r.prompt))
                 out.append(replace(r, prompt=form.format(doc=doc, request=r.prompt), wrapper=f"long_context/{doc_kind}"))
+            elif kind == "multi_turn":
+                history = earlier_turns(r.prompt, exchanges[r.split])
+                if history:
+                    out.append(replace(r, history=history, wrapper=f"multi_turn/{len(history)}_earlier"))
     return out
+
+
+def earlier_turns(request: str, exchanges: Sequence[Exchange]) -> tuple[tuple[str, str], ...]:
+    """1-3 consecutive exchanges (by a hash of ``request``) of ``exchanges``, never the request itself."""
+    pool = [e for e in exchanges if e.user != request]
+    if not pool:
+        return ()
+    lo, hi = HISTORY_TURNS
+    n = min(len(pool), lo + int(_unit("turns:" + request) * (hi - lo + 1)))
+    start = int(_unit("history:" + request) * len(pool))
+    return tuple((e.user, e.assistant) for e in (pool[(start + k) % len(pool)] for k in range(n)))
 
 
 def wrapper_family(record: Record) -> str | None:

