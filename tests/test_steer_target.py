@@ -150,3 +150,56 @@ def test_target_benign_rows_are_optional(tiny_llama, monkeypatch):
     assert any(k.startswith("benign:safe") for rows in target.meta["rows"].values() for k in rows)
     assert make_mode("safeflow", gate).basis is None  # type: ignore[attr-defined]
     assert gate.meta["steering"]["hook"]["first_n"] == 8  # steer_first_n's default
+
+
+def test_gate_is_a_detector_trained_without_the_bench_held_out_collections(tiny_llama, monkeypatch):
+    """The gate uses the detection defaults (4 linear facets, logistic loss), reads the corpus's own
+    wrapped rows, never those from the jailbreak collections the bench holds out, and reports its
+    validation recall and benign fire rate."""
+    from sapguard.bench import attacks
+    from sapguard.steer import target as target_mod
+
+    monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
+    corpus = _corpus()
+    for split, n in (("train", 6), ("validation", 3)):
+        for i in range(n):
+            for fam in ("cipher/rot13", "jailbreak_in_the_wild/t1", "jailbreak_jailbreakchat/AIM"):
+                corpus.append(
+                    Record(
+                        f"{fam} wraps request {i}",
+                        is_safe=i % 2 == 0,
+                        source="t",
+                        group=f"w{split}{fam}{i}",
+                        split=split,
+                        wrapper=fam,
+                    )
+                )
+    seen: list[Record] = []
+    real = target_mod.train_gate
+
+    def spy(lm, records, layer, **kw):
+        seen.extend(records)
+        return real(lm, records, layer, **kw)
+
+    monkeypatch.setattr(target_mod, "train_gate", spy)
+    cfg = SteeringTrainConfig(
+        n_harmful=4,
+        n_wrapped=2,
+        n_gate=None,
+        n_gate_wrapped=4,
+        n_gate_corpus_wrapped=6,
+        first_n=2,
+        max_new_tokens=3,
+    )
+    gate = train_steering(tiny_llama, corpus, 2, cfg)
+    wrappers = {r.wrapper for r in seen if r.wrapper}
+    assert wrappers == {"cipher/rot13"}  # the in-the-wild / jailbreakchat collections are held out
+    assert (
+        sum(r.wrapper is None and "+" not in r.source for r in seen if r.split == "train") == 48
+    )  # all plain
+    assert all(r.split in ("train", "validation") for r in seen)
+    assert gate.meta["train_config"]["encoder"]["kind"] == "identity"
+    assert gate.meta["train_config"]["loss"] == "logistic"
+    report = gate.meta["gate_validation"]
+    assert set(report) >= {"recall_plain", "recall_wrapped", "fire_rate_benign_plain", "rows"}
+    assert report["rows"] == sum(r.split == "validation" for r in seen)

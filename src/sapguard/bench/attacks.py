@@ -179,6 +179,10 @@ TRAIN_FAMILIES = ("handwritten", "rewrite")
 UNSEEN_FAMILIES = ("dan", "inthewild")
 """Families of the bench's wrapped set: never used in training (``gcg`` is its own bench set).
 Human jailbreaks (DAN and in-the-wild prompts overlap, so both are held out together)."""
+CORPUS_OVERLAP = ("jailbreak_jailbreakchat", "jailbreak_in_the_wild")
+"""Default-corpus wrapper families (``Record.wrapper``) drawn from the same human-jailbreak
+collections as ``dan`` and ``inthewild`` (the in-the-wild set includes jailbreakchat's prompts):
+a gate trained while those bench families are unseen must not see these corpus rows either."""
 
 
 def family_attacks(family: str, n_inthewild: int = 24) -> list[Attack]:

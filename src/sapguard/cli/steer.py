@@ -83,11 +83,20 @@ def register(app: typer.Typer) -> None:
             15, "--n-wrapped", help="Wrapped (training families) harmful requests for the target."
         ),
         n_benign: int = typer.Option(30, "--n-benign", help="Benign train requests for the target."),
-        n_gate: int = typer.Option(
-            150, "--n-gate", help="Harmful and benign corpus prompts (each) for the gate."
+        n_gate: int | None = typer.Option(
+            None,
+            "--n-gate",
+            help="Harmful and benign plain corpus prompts (each) for the gate [default: all].",
         ),
         n_gate_wrapped: int = typer.Option(
-            30, "--n-gate-wrapped", help="Wrapped harmful and benign prompts for the gate."
+            150,
+            "--n-gate-wrapped",
+            help="Harmful and benign prompts wrapped in the training families for the gate.",
+        ),
+        n_gate_corpus_wrapped: int = typer.Option(
+            300,
+            "--n-gate-corpus-wrapped",
+            help="The corpus's own wrapped rows for the gate (jailbreak collections the bench holds out excluded).",
         ),
         max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
         families: str = typer.Option(
@@ -124,6 +133,7 @@ def register(app: typer.Typer) -> None:
             n_benign=n_benign,
             n_gate=n_gate,
             n_gate_wrapped=n_gate_wrapped,
+            n_gate_corpus_wrapped=n_gate_corpus_wrapped,
             first_n=first_n,
             steer_first_n=steer_first_n,
             max_new_tokens=max_new_tokens,

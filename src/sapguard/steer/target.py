@@ -1,9 +1,13 @@
 """Gate and target: the two polytopes of a steering artifact, each trained for its job.
 
-- The **gate** decides *when* to steer. It reads the last prompt position (policy ``last_prompt``,
-  so ``scan``/``sap eval`` work on it) and is trained on harmful vs benign requests of the default
-  corpus plus harmful *and* benign requests wrapped in the attack families chosen for training
-  (the same wrappers on both sides, so the wrapper is not the concept).
+- The **gate** decides *when* to steer. It is a detector: it reads the last prompt position
+  (policy ``last_prompt``, so ``scan``/``sap eval`` work on it), is trained with the detection
+  defaults (:class:`~sapguard.polytope.train.TrainConfig`: 4 linear facets, logistic loss, chosen
+  by held-out-source recall, see RESULTS.md; offset calibrated to fire on 5 % of the benign
+  validation prompts) on the default corpus's plain harmful and benign requests, its wrapped rows
+  (ciphers, CodeAttack, long context, jailbreak collections other than those the bench holds out:
+  :data:`~sapguard.bench.attacks.CORPUS_OVERLAP`) and requests wrapped in the attack families
+  chosen for training (the same wrappers on both sides, so the wrapper is not the concept).
 - The **target** decides *where* to steer. Its rows are the model's own states at the positions
   steering edits (generated index ``0 .. first_n-1``: the last prompt position and the first
   response tokens) on trajectories labelled by behaviour, for the *same* harmful requests:
@@ -281,7 +285,15 @@ def train_gate(
     train_config: Any = None,
     show_progress: bool = False,
 ) -> SafetyPolytope:
-    """Train the gate on the last prompt position of labelled ``records`` (train/validation splits)."""
+    """Train the gate on the last prompt position of labelled ``records`` (train/validation splits).
+
+    Args:
+        train_config: Polytope settings (default: the detection defaults, ``TrainConfig()``, whose
+            offset makes the gate fire on 5 % of the benign validation rows).
+
+    ``meta["gate_validation"]`` reports the gate's recall and benign fire rate on validation,
+    plain and wrapped rows apart.
+    """
     from sapguard.features.extract import extract_features
     from sapguard.models.chat import resolve_template
     from sapguard.polytope.train import TrainConfig, train_polytope
@@ -313,22 +325,43 @@ def train_gate(
         parts["train"][1],
         parts["validation"][0],
         parts["validation"][1],
-        train_config or TrainConfig.concept_mlp(),
+        train_config or TrainConfig(),
         train_records=parts["train"][2],
         meta=meta,
         show_progress=show_progress,
     )
-    return result.polytope
+    gate = result.polytope
+    x_val, y_val, recs_val = parts["validation"]
+    with torch.no_grad():
+        fired = gate.score(torch.as_tensor(x_val, dtype=torch.float32)).numpy() > 0
+    wrapped = np.array([r.wrapper is not None or "+" in r.source for r in recs_val])
+
+    def rate(mask: np.ndarray) -> float | None:
+        return round(float(fired[mask].mean()), 4) if mask.any() else None
+
+    gate.meta["gate_validation"] = {
+        "recall_plain": rate((y_val == 1) & ~wrapped),
+        "recall_wrapped": rate((y_val == 1) & wrapped),
+        "fire_rate_benign_plain": rate((y_val == 0) & ~wrapped),
+        "fire_rate_benign_wrapped": rate((y_val == 0) & wrapped),
+        "rows": len(y_val),
+    }
+    logger.info("gate on validation: %s", gate.meta["gate_validation"])
+    return gate
 
 
 @dataclass
 class SteeringTrainConfig:
-    """Sizes and settings of :func:`train_steering` (defaults sized for 2 CPU cores, ~15 minutes).
+    """Sizes and settings of :func:`train_steering` (defaults sized for 2 CPU cores, ~35 minutes).
 
     Attributes:
         n_harmful, n_wrapped, n_benign: Train-split requests for the target (validation: a third).
-        n_gate: Harmful and benign train prompts of the corpus (each) for the gate (validation: a third).
+        n_gate: Harmful and benign plain train prompts of the corpus (each) for the gate
+            (validation: a third); ``None``: every one of at most ``max_chars``.
         n_gate_wrapped: Harmful and benign train prompts wrapped in the training families for the gate.
+        n_gate_corpus_wrapped: The corpus's own wrapped train rows (ciphers, CodeAttack, long
+            context, jailbreak collections not in :data:`~sapguard.bench.attacks.CORPUS_OVERLAP`
+            unless their bench families are in ``families``) for the gate (validation: a third).
         max_chars: Longest corpus prompt used (CPU budget; wrappers come on top).
         first_n: Generated indices the target covers.
         steer_first_n: The hook's ``first_n`` (generated indices SafeFlow edits; ``None``: ``first_n``).
@@ -344,8 +377,9 @@ class SteeringTrainConfig:
     n_harmful: int = 45
     n_wrapped: int = 15
     n_benign: int = 30
-    n_gate: int = 150
-    n_gate_wrapped: int = 30
+    n_gate: int | None = None
+    n_gate_wrapped: int = 150
+    n_gate_corpus_wrapped: int = 300
     max_chars: int = 400
     first_n: int = 8
     steer_first_n: int | None = 8
@@ -374,7 +408,8 @@ def train_steering(
         refusal-minus-compliance direction of the target's train rows (``redirect`` and the
         trace's cosine) and what was trained on.
     """
-    from sapguard.bench.attacks import families_attacks
+    from sapguard.bench.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
+    from sapguard.data.augment import wrapper_family
 
     cfg = cfg or SteeringTrainConfig()
     rng = random.Random(cfg.seed)
@@ -390,9 +425,12 @@ def train_steering(
         rng.shuffle(benign)
         pools[split] = {"harmful": harmful, "benign": benign}
 
-    def take(split: str, kind: str, n: int) -> list[Record]:
+    def take(split: str, kind: str, n: int | None) -> list[Record]:
+        if n is None:
+            return pools[split][kind]
         return pools[split][kind][: n if split == "train" else max(n // 3, 1)]
 
+    excluded = set() if set(UNSEEN_FAMILIES) <= set(cfg.families) else set(CORPUS_OVERLAP)
     gate_records: list[Record] = []
     for split in ("train", "validation"):
         gate_records += take(split, "harmful", cfg.n_gate) + take(split, "benign", cfg.n_gate)
@@ -401,7 +439,16 @@ def train_steering(
         n = len(take(split, "harmful", cfg.n_gate_wrapped))
         gate_records += wrapped_records(tail_h[:n], attacks, cfg.seed)
         gate_records += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
-    logger.info("gate: %d records", len(gate_records))
+        corpus_wrapped = sorted(
+            (r for r in corpus if r.split == split and r.wrapper and wrapper_family(r) not in excluded),
+            key=lambda r: r.prompt,
+        )
+        random.Random(f"{cfg.seed}:{split}").shuffle(corpus_wrapped)
+        n = cfg.n_gate_corpus_wrapped if split == "train" else cfg.n_gate_corpus_wrapped // 3
+        gate_records += corpus_wrapped[:n]
+    logger.info(
+        "gate: %d records (corpus wrapper families left out: %s)", len(gate_records), sorted(excluded)
+    )
     gate = train_gate(lm, gate_records, layer, show_progress=show_progress)
 
     harmful_t: list[Record] = []
