@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.data.records import read_jsonl, write_jsonl
-from sapguard.evaluate import generalisation_folds, leave_one_out, recall_at_fpr
+from sapguard.evaluate import Scorer, Trainer, leave_one_out
 from sapguard.features.extract import encode_records, length_sorted_batches
 from sapguard.features.hooks import left_pad
 from sapguard.models.chat import resolve_template
@@ -148,26 +148,24 @@ def features(data: dict[str, torch.Tensor], layers: list[int], rep: str) -> torc
     return torch.cat(parts, dim=1)
 
 
+def probe_trainer(c: float) -> Trainer:
+    """Logistic regression on features standardised with the training rows' statistics (baseline)."""
+
+    def fit(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va: np.ndarray) -> Scorer:
+        mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
+        model = LogisticRegression(C=c, max_iter=3000).fit(((x_tr - mu) / sd).numpy(), y_tr)
+        return lambda z: model.decision_function(((z - mu) / sd).numpy())
+
+    return fit
+
+
+PROBE_KEYS = ("n", "n_unsafe", "recall@5%", "benign_flag_rate@5%")
+
+
 def probe_leave_one_out(x: torch.Tensor, y: np.ndarray, records: list, c: float) -> dict[str, object]:
-    """The same folds and thresholds as :func:`leave_one_out`, for a logistic-regression probe (baseline)."""
-    split = np.array([r.split for r in records])
-    rows = {}
-    for name, idx in generalisation_folds(records).items():
-        held = np.zeros(len(y), dtype=bool)
-        held[idx] = True
-        tr, va = (split == "train") & ~held, (split == "validation") & ~held
-        target = held & np.isin(split, ["train", "validation"])
-        mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
-        model = LogisticRegression(C=c, max_iter=3000).fit(((x[tr] - mu) / sd).numpy(), y[tr])
-        benign_val, scores = (model.decision_function(((z - mu) / sd).numpy()) for z in (x[va & (y == 0)], x[target]))
-        labels = y[target]
-        rows[name] = {
-            "n": int(target.sum()),
-            "n_unsafe": int(labels.sum()),
-            "recall@5%": recall_at_fpr(benign_val, scores[labels == 1], 0.05),
-            "benign_flag_rate@5%": recall_at_fpr(benign_val, scores[labels == 0], 0.05),
-        }
-    return {"folds": rows}
+    """:func:`leave_one_out` (the same folds, fold loop and thresholds) for a logistic-regression probe."""
+    loo = leave_one_out(x, y, records, fit=probe_trainer(c), report="validation", fprs=(0.05,))
+    return {"folds": {name: {k: row[k] for k in PROBE_KEYS} for name, row in loo["folds"].items()}}
 
 
 def held_out_scores(loo: dict) -> dict[str, float]:  # type: ignore[type-arg]

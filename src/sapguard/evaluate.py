@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,24 +96,51 @@ def generalisation_folds(records: Sequence[Record], min_unsafe: int = 20) -> dic
     return out
 
 
+Scorer = Callable[[torch.Tensor], np.ndarray]
+"""Feature rows ``[n, d]`` -> one unsafety score per row (higher is more unsafe)."""
+
+Trainer = Callable[[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray], Scorer]
+"""``(x_train, y_train, x_val, y_val) -> Scorer``: fits a detector on one fold's training rows."""
+
+
+def polytope_trainer(cfg: Any = None) -> Trainer:
+    """The default :data:`Trainer` of :func:`leave_one_out`: a polytope trained with ``cfg``, scored by
+    its largest raw violation (:func:`sapguard.polytope.train.raw_scores`)."""
+
+    def fit(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va: np.ndarray) -> Scorer:
+        from sapguard.polytope import train
+
+        poly = train.train_polytope(x_tr, y_tr, x_va, y_va, cfg or train.TrainConfig()).polytope
+        return lambda x: train.raw_scores(poly, x)
+
+    return fit
+
+
 def leave_one_out(
     x: torch.Tensor,
     y: np.ndarray,
     records: Sequence[Record],
     cfg: Any = None,
     *,
+    fit: Trainer | None = None,
     report: str = "test",
     fprs: Sequence[float] = (0.01, 0.05),
     folds: dict[str, np.ndarray] | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Generalisation to what training never saw: one polytope per held-out source or wrapper family.
+    """Generalisation to what training never saw: one detector per held-out source or wrapper family.
 
-    For each fold of :func:`generalisation_folds`, a polytope is trained on the *train* rows
-    outside the fold, early-stopped and calibrated on the *validation* rows outside the fold
-    (thresholds for each false-positive rate in ``fprs`` on their benign rows), and scored on the
-    fold's rows: those in the test split (``report="test"``), or those in train and validation
+    For each fold of :func:`generalisation_folds`, a detector is fitted on the *train* rows outside
+    the fold (and may early-stop on the *validation* rows outside it), its thresholds for each
+    false-positive rate in ``fprs`` are set on those validation rows' benign scores, and the fold's
+    rows are scored: those in the test split (``report="test"``), or those in train and validation
     (``report="validation"``, for model selection; the test split is then never read).
+
+    Args:
+        cfg: ``TrainConfig`` of the polytope trained per fold (the default detector, see
+            :func:`polytope_trainer`).
+        fit: Any other detector (e.g. a probe baseline) to run through the same folds, fits and
+            thresholds instead of the polytope; not together with ``cfg``.
 
     Returns:
         ``{"folds": {name: {n, n_unsafe, recall@1%, recall@5%, benign_flag_rate@...}}, "summary": ...}``;
@@ -122,11 +149,11 @@ def leave_one_out(
     """
     from tqdm.auto import tqdm
 
-    from sapguard.polytope.train import TrainConfig, raw_scores, train_polytope
-
     if report not in ("test", "validation"):
         raise ValueError(f"report must be 'test' or 'validation', got {report!r}")
-    cfg = cfg or TrainConfig()
+    if fit is not None and cfg is not None:
+        raise ValueError("pass cfg (for the polytope) or fit (any detector), not both")
+    fit = fit or polytope_trainer(cfg)
     split = np.array([r.split for r in records])
     in_report = split == "test" if report == "test" else np.isin(split, ["train", "validation"])
     folds = generalisation_folds(records) if folds is None else folds
@@ -138,9 +165,9 @@ def leave_one_out(
         target = held & in_report
         if not target.any() or not (tr & (y == 1)).any():
             continue
-        poly = train_polytope(x[tr], y[tr], x[va], y[va], cfg).polytope
-        benign_val = raw_scores(poly, x[va & (y == 0)])
-        scores = raw_scores(poly, x[target])
+        score = fit(x[tr], y[tr], x[va], y[va])
+        benign_val = score(x[va & (y == 0)])
+        scores = score(x[target])
         labels = y[target]
         row: dict[str, Any] = {"n": int(target.sum()), "n_unsafe": int(labels.sum()), "trained_on_rows": int(tr.sum())}
         for fpr in fprs:
