@@ -31,7 +31,7 @@ _WORDS = (
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with a chat template, built offline."""
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tokens = list(dict.fromkeys(specials + ["\n", "user", "assistant", "system"] + _WORDS))
+    tokens = list(dict.fromkeys([*specials, "\n", "user", "assistant", "system", *_WORDS]))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -46,7 +46,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, vocab_size: int):
-    common = dict(vocab_size=vocab_size, hidden_size=32, num_attention_heads=4, max_position_embeddings=256)
+    common = {"vocab_size": vocab_size, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 256}
     if family == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=256)
     kw = dict(common, intermediate_size=64, num_hidden_layers=4, num_key_value_heads=2)

@@ -62,7 +62,7 @@ def test_truncated_weights_are_refused(poly, tmp_path):
     poly.save_pretrained(tmp_path / "p")
     weights = tmp_path / "p" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(SapError, match="model.safetensors"):
+    with pytest.raises(SapError, match=r"model\.safetensors"):
         load_polytope(tmp_path / "p")
 
 
@@ -70,7 +70,7 @@ def test_truncated_weights_are_refused(poly, tmp_path):
 def test_broken_config_is_refused(poly, tmp_path, edit):
     poly.save_pretrained(tmp_path / "p")
     (tmp_path / "p" / "config.json").write_text(edit)
-    with pytest.raises(SapError, match="config.json"):
+    with pytest.raises(SapError, match=r"config\.json"):
         load_polytope(tmp_path / "p")
 
 

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from sapguard.data.default_corpus import build_default_corpus
-from sapguard.detect import scan
 from sapguard.demo import DEMO_MAX_LENGTH, demo_sample, shipped_representation
+from sapguard.detect import scan
 from sapguard.evaluate import evaluate
-from sapguard.features.extract import extract_to_dir
+from sapguard.features.extract import data_checksum, extract_to_dir
 from sapguard.features.hooks import LayerReader, left_pad
 from sapguard.models.chat import encode_prompt
 from sapguard.models.loading import fetch_default_model, load_model
 from sapguard.pipeline import train_from_features
-from sapguard.features.extract import data_checksum
 from sapguard.polytope.artifact import default_polytope, load_polytope
 
 pytestmark = pytest.mark.slow
