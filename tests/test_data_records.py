@@ -51,6 +51,10 @@ def test_jsonl_malformed_json_names_the_line(tmp_path: Path) -> None:
         (b'{"prompt": "   ", "label": "safe"}', "missing or empty 'prompt'"),
         (b'{"label": "safe"}', "missing or empty 'prompt'"),
         (b'{"prompt": "x", "label": "safe", "split": "dev"}', "unknown split 'dev'"),
+        (b'{"prompt": "x", "label": "safe", "history": "hi"}', "'history' is not valid JSON"),
+        (b'{"prompt": "x", "label": "safe", "history": {"u": "a"}}', "'history' must be a list of [user, assistant] pairs"),
+        (b'{"prompt": "x", "label": "safe", "history": [["q", "a"], ["q2"]]}', "'history' turn 2 must be a [user, assistant] pair"),
+        (b'{"prompt": "x", "label": "safe", "history": [["q", " "]]}', "'history' turn 1 must be a [user, assistant] pair"),
     ],
 )
 def test_jsonl_row_errors(tmp_path: Path, row: bytes, message: str) -> None:
@@ -130,3 +134,22 @@ def test_split_by_group_is_deterministic_stratified_and_never_straddles() -> Non
     assert split_by_group(rows, seed=1) != out
     with pytest.raises(SapError, match="fractions"):
         split_by_group(rows, fractions=(0.5, 0.5, 0.5))
+
+
+def test_history_round_trips_and_changes_key_and_dedupe(tmp_path: Path) -> None:
+    from sapguard.data.records import write_jsonl
+
+    history = (("What is the capital of France?", "Paris."), ("And of Spain?", "Madrid."))
+    chat = Record("How do I bake bread?", is_safe=True, source="s", wrapper="multi_turn/2_earlier", history=history)
+    plain = Record("How do I bake bread?", is_safe=True, source="s")
+    assert chat.to_json()["history"] == [list(t) for t in history]
+    assert "history" not in plain.to_json()  # single prompts serialise (and checksum) as before
+    assert chat.key != plain.key and plain.key == Record("How do I bake bread?", is_safe=False).key
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [chat, plain])
+    assert read_jsonl(path) == [chat, plain]
+    # in CSV the history is a JSON string
+    csv_path = _write(tmp_path, "c.csv", b'prompt,label,history\nhi,safe,"[[""q"", ""a""]]"\nho,safe,\n')
+    assert [r.history for r in read_csv(csv_path)] == [(("q", "a"),), ()]
+    # the same last request after another conversation is another row, not a duplicate
+    assert dedupe([plain, chat, chat]) == [plain, chat]
