@@ -392,6 +392,67 @@ class SteeringTrainConfig:
     seed: int = 0
 
 
+Pools = dict[str, dict[str, list[Record]]]
+"""Plain requests by split (``train``/``validation``) and kind (``harmful``/``benign``)."""
+
+
+def request_pools(corpus: Sequence[Record], cfg: SteeringTrainConfig) -> Pools:
+    """Plain train/validation requests of at most ``cfg.max_chars``, shuffled with ``cfg.seed``."""
+    rng = random.Random(cfg.seed)
+    pools: Pools = {}
+    for split in ("train", "validation"):
+        short = [
+            r for r in corpus if r.split == split and r.wrapper is None and len(r.prompt) <= cfg.max_chars
+        ]
+        harmful = sorted((r for r in short if not r.is_safe), key=lambda r: r.prompt)
+        benign = sorted((r for r in short if r.is_safe), key=lambda r: r.prompt)
+        rng.shuffle(harmful)
+        rng.shuffle(benign)
+        pools[split] = {"harmful": harmful, "benign": benign}
+    return pools
+
+
+def _take(pools: Pools, split: str, kind: str, n: int | None) -> list[Record]:
+    """The first ``n`` of a pool (validation: a third); ``None``: all."""
+    if n is None:
+        return pools[split][kind]
+    return pools[split][kind][: n if split == "train" else max(n // 3, 1)]
+
+
+def gate_records(
+    corpus: Sequence[Record], cfg: SteeringTrainConfig, pools: Pools | None = None
+) -> list[Record]:
+    """The gate's train and validation rows (see :class:`SteeringTrainConfig` for the sizes).
+
+    Plain requests, other plain requests wrapped in the training families (harmful and benign
+    alike) and the corpus's own wrapped rows, leaving out the jailbreak collections the bench
+    holds out (:data:`~sapguard.bench.attacks.CORPUS_OVERLAP`) unless their families are trained on.
+    """
+    from sapguard.bench.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
+    from sapguard.data.augment import wrapper_family
+
+    pools = pools or request_pools(corpus, cfg)
+    attacks = families_attacks(cfg.families)
+    excluded = set() if set(UNSEEN_FAMILIES) <= set(cfg.families) else set(CORPUS_OVERLAP)
+    out: list[Record] = []
+    for split in ("train", "validation"):
+        out += _take(pools, split, "harmful", cfg.n_gate) + _take(pools, split, "benign", cfg.n_gate)
+        tail_h = pools[split]["harmful"][::-1]  # wrap other requests than the plain ones above
+        tail_b = pools[split]["benign"][::-1]
+        n = len(_take(pools, split, "harmful", cfg.n_gate_wrapped))
+        out += wrapped_records(tail_h[:n], attacks, cfg.seed)
+        out += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
+        corpus_wrapped = sorted(
+            (r for r in corpus if r.split == split and r.wrapper and wrapper_family(r) not in excluded),
+            key=lambda r: r.prompt,
+        )
+        random.Random(f"{cfg.seed}:{split}").shuffle(corpus_wrapped)
+        n = cfg.n_gate_corpus_wrapped if split == "train" else cfg.n_gate_corpus_wrapped // 3
+        out += corpus_wrapped[:n]
+    logger.info("gate: %d records (corpus wrapper families left out: %s)", len(out), sorted(excluded))
+    return out
+
+
 def train_steering(
     lm: LoadedModel,
     corpus: Sequence[Record],
@@ -408,48 +469,16 @@ def train_steering(
         refusal-minus-compliance direction of the target's train rows (``redirect`` and the
         trace's cosine) and what was trained on.
     """
-    from sapguard.bench.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
-    from sapguard.data.augment import wrapper_family
+    from sapguard.bench.attacks import families_attacks
 
     cfg = cfg or SteeringTrainConfig()
-    rng = random.Random(cfg.seed)
     attacks = families_attacks(cfg.families)
-    pools: dict[str, dict[str, list[Record]]] = {}
-    for split in ("train", "validation"):
-        short = [
-            r for r in corpus if r.split == split and r.wrapper is None and len(r.prompt) <= cfg.max_chars
-        ]
-        harmful = sorted((r for r in short if not r.is_safe), key=lambda r: r.prompt)
-        benign = sorted((r for r in short if r.is_safe), key=lambda r: r.prompt)
-        rng.shuffle(harmful)
-        rng.shuffle(benign)
-        pools[split] = {"harmful": harmful, "benign": benign}
+    pools = request_pools(corpus, cfg)
 
     def take(split: str, kind: str, n: int | None) -> list[Record]:
-        if n is None:
-            return pools[split][kind]
-        return pools[split][kind][: n if split == "train" else max(n // 3, 1)]
+        return _take(pools, split, kind, n)
 
-    excluded = set() if set(UNSEEN_FAMILIES) <= set(cfg.families) else set(CORPUS_OVERLAP)
-    gate_records: list[Record] = []
-    for split in ("train", "validation"):
-        gate_records += take(split, "harmful", cfg.n_gate) + take(split, "benign", cfg.n_gate)
-        tail_h = pools[split]["harmful"][::-1]  # wrap other requests than the plain ones above
-        tail_b = pools[split]["benign"][::-1]
-        n = len(take(split, "harmful", cfg.n_gate_wrapped))
-        gate_records += wrapped_records(tail_h[:n], attacks, cfg.seed)
-        gate_records += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
-        corpus_wrapped = sorted(
-            (r for r in corpus if r.split == split and r.wrapper and wrapper_family(r) not in excluded),
-            key=lambda r: r.prompt,
-        )
-        random.Random(f"{cfg.seed}:{split}").shuffle(corpus_wrapped)
-        n = cfg.n_gate_corpus_wrapped if split == "train" else cfg.n_gate_corpus_wrapped // 3
-        gate_records += corpus_wrapped[:n]
-    logger.info(
-        "gate: %d records (corpus wrapper families left out: %s)", len(gate_records), sorted(excluded)
-    )
-    gate = train_gate(lm, gate_records, layer, show_progress=show_progress)
+    gate = train_gate(lm, gate_records(corpus, cfg, pools), layer, show_progress=show_progress)
 
     harmful_t: list[Record] = []
     benign_t: list[Record] = []
