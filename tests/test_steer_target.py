@@ -149,7 +149,8 @@ def test_target_benign_rows_are_optional(tiny_llama, monkeypatch):
     assert target is not None
     assert any(k.startswith("benign:safe") for rows in target.meta["rows"].values() for k in rows)
     assert make_mode("safeflow", gate).basis is None  # type: ignore[attr-defined]
-    assert gate.meta["steering"]["hook"]["first_n"] == 8  # steer_first_n's default
+    hook = gate.meta["steering"]["hook"]
+    assert hook["tokens"] == "generated" and hook["first_n"] == 3  # default: every generated token
 
 
 def test_gate_is_a_detector_trained_without_the_bench_held_out_collections(tiny_llama, monkeypatch):

@@ -73,8 +73,10 @@ def register(app: typer.Typer) -> None:
         ),
         model: str = typer.Option("default", "--model", "-m"),
         first_n: int = typer.Option(8, "--first-n", help="Generated indices the target covers."),
-        steer_first_n: int = typer.Option(
-            8, "--steer-first-n", help="Generated indices the hook edits (stored as the artifact's first_n)."
+        steer_first_n: int | None = typer.Option(
+            None,
+            "--steer-first-n",
+            help="Generated indices the hook edits (stored as the artifact's first_n) [default: every generated token].",
         ),
         n_harmful: int = typer.Option(
             45, "--n-harmful", help="Harmful train requests for the target (validation: a third)."
@@ -103,7 +105,7 @@ def register(app: typer.Typer) -> None:
             "handwritten,rewrite", "--families", help="Attack families seen in training."
         ),
         margin: float = typer.Option(
-            3.0, "--margin", help="SafeFlow's margin inside the target, stored as the artifact's default."
+            2.0, "--margin", help="SafeFlow's margin inside the target, stored as the artifact's default."
         ),
         basis: str = typer.Option(
             "refusal_direction",

@@ -24,9 +24,12 @@ chosen on validation requests of the default model (RESULTS.md, Steering): the u
 minimal l1 edit reaches the target with small edits along directions the model's output does not
 depend on (0 of 24 validation requests refused at any margin up to 20), and a minimal edit that
 lands just inside the boundary (margin 0.5) is too weak. With the artifact of ``sap steer-train``
-(layer 16) margin 3 on the first 8 generated indices turned the most validation requests away
-without breaking the text; larger margins (5-12) break it. How far a margin moves a state depends
-on the trained target, so the margin is re-validated with every retrained artifact.
+(layer 16) and its detector gate, margin 2 at *every* generated position turned 18 of 24
+validation requests into coherent refusals with no broken text (editing only the first 8 positions
+let the model drift back: 4 of 24); larger margins (4-12) break the text. The target is trained on
+generated indices ``0 .. first_n-1`` and the hook applies it at every generated position
+(``SteeringTrainConfig.steer_first_n=None``). How far a margin moves a state depends on the trained
+target, so the margin is re-validated with every retrained artifact.
 
 On disk the gate is the artifact directory and the target its ``target/`` sub-directory (both
 ``config.json`` + ``model.safetensors``; never pickle). :func:`load_steering` loads both and
@@ -364,7 +367,8 @@ class SteeringTrainConfig:
             unless their bench families are in ``families``) for the gate (validation: a third).
         max_chars: Longest corpus prompt used (CPU budget; wrappers come on top).
         first_n: Generated indices the target covers.
-        steer_first_n: The hook's ``first_n`` (generated indices SafeFlow edits; ``None``: ``first_n``).
+        steer_first_n: Generated indices the hook edits (stored as its ``first_n`` policy);
+            ``None``: every generated position (token policy ``generated``).
         max_new_tokens: Length of the model's own completions.
         families: Attack families seen in training.
         target_benign: Also label benign answers as safe target rows (off: see the module doc).
@@ -382,11 +386,11 @@ class SteeringTrainConfig:
     n_gate_corpus_wrapped: int = 300
     max_chars: int = 400
     first_n: int = 8
-    steer_first_n: int | None = 8
+    steer_first_n: int | None = None
     max_new_tokens: int = 24
     families: tuple[str, ...] = ("handwritten", "rewrite")
     target_benign: bool = False
-    safeflow_margin: float = 3.0
+    safeflow_margin: float = 2.0
     safeflow_basis: str | None = "refusal_direction"
     redirect_alpha: float = 2.0
     seed: int = 0
@@ -509,7 +513,7 @@ def train_steering(
         "direction": [round(float(v), 5) for v in direction],
         "direction_source": "mean of refusal-trajectory states minus compliance-trajectory states (target train rows)",
         "hook": {
-            "tokens": "first_n",
+            "tokens": "generated" if cfg.steer_first_n is None else "first_n",
             "first_n": cfg.first_n if cfg.steer_first_n is None else cfg.steer_first_n,
             "threshold": 0.0,
             "gate": "prompt",
