@@ -86,6 +86,46 @@ def gather_texts(texts: list[str] | None, input_file: Path | None) -> list[str]:
     raise SapError("no texts: pass them as arguments, with --input FILE, or on stdin")
 
 
+def gather_scan_items(texts: list[str] | None, input_file: Path | None) -> list[Any]:
+    """What ``sap detect`` scans: texts as :func:`gather_texts` reads them, except that a JSONL
+    ``--input`` row may hold a conversation, ``{"messages": [{"role": ..., "content": ...}, ...]}``,
+    instead of a ``prompt`` (or ``text``). Bad rows are one-line errors naming the file and line."""
+    if input_file is None or texts:
+        return gather_texts(texts, input_file)
+    data = input_file.read_bytes()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        bad_line = data[: err.start].count(b"\n") + 1
+        raise SapError(f"{input_file}:{bad_line}: not valid UTF-8 ({err.reason})") from None
+    if not (input_file.suffix.lower() == ".jsonl" or (lines and lines[0].lstrip().startswith("{"))):
+        return read_texts(input_file)
+    from sapguard.detect import conversation_from_messages
+
+    items: list[Any] = []
+    for number, line in enumerate(lines, start=1):
+        where = f"{input_file}:{number}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SapError(f"{where}: malformed JSON ({err.msg})") from None
+        if isinstance(row, dict) and "messages" in row:
+            if "prompt" in row or "text" in row:
+                raise SapError(f"{where}: give 'messages' or a 'prompt', not both")
+            conversation_from_messages(row["messages"], where)  # validated here to name the line
+            items.append(row["messages"])
+            continue
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise SapError(f"{where}: expected an object with a non-empty 'prompt', 'text' or 'messages'")
+        items.append(text)
+    if not items:
+        raise SapError(f"{input_file}: no texts")
+    return items
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     """A plain fixed-width text table."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]

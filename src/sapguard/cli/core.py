@@ -14,11 +14,12 @@ from sapguard.cli.common import (
     JSON_OPTION,
     VERBOSE_OPTION,
     emit_json,
-    gather_texts,
+    gather_scan_items,
     handle_errors,
     setup_logging,
     table,
 )
+from sapguard.errors import SapError
 
 if TYPE_CHECKING:
     from sapguard.detect import Verdict
@@ -193,23 +194,32 @@ def detect(
         None, "--window", help="Longer texts are read in overlapping windows of this many tokens "
         "(default: the length the polytope was trained on)."
     ),
-    input_file: Path | None = typer.Option(None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' field."),
+    input_file: Path | None = typer.Option(
+        None, "--input", "-i", help="One text per line, or JSONL with a 'prompt' (or 'text') field, or a conversation "
+        "as 'messages' (chat messages: role user/assistant/system, content)."
+    ),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     engine: str = ENGINE_OPTION,
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
-    """Scan texts: verdict, risk score and violated facets per text (base model loaded from the artifact)."""
+    """Scan texts or conversations: verdict, risk score and violated facets per input (base model loaded from the artifact).
+
+    A conversation longer than the window is read without its oldest earlier turns; ``--json`` says
+    how many earlier turns were read (``earlier_turns``) and dropped (``dropped_turns``).
+    """
     setup_logging(verbose)
     from sapguard.detect import base_model_for, scan
     from sapguard.engines.vllm_extract import check_engine
     from sapguard.polytope.artifact import load_polytope_spec
 
-    items = gather_texts(texts, input_file)
+    items = gather_scan_items(texts, input_file)
     if check_engine(engine) == "vllm":  # inside vLLM; texts are read whole (no windows)
         from sapguard.engines.vllm import scan_with_vllm
 
+        if not all(isinstance(item, str) for item in items):
+            raise SapError("--engine vllm reads single prompts; scan conversations ('messages' rows) with --engine transformers")
         verdicts = scan_with_vllm(polytope, items)
     else:
         poly = load_polytope_spec(polytope)
@@ -257,6 +267,9 @@ def verdict_table(verdicts: list[Verdict]) -> str:
     rows = []
     for v in verdicts:
         text = v.text if len(v.text) <= 60 else v.text[:57] + "..."
+        if v.earlier_turns or v.dropped_turns:  # a conversation: its last user message, after earlier turns
+            dropped = f", {v.dropped_turns} dropped" if v.dropped_turns else ""
+            text = f"(+{v.earlier_turns} turns{dropped}) {text}"
         rows.append([text, "UNSAFE" if not v.is_safe else "safe", f"{v.risk_score:.2f}", f"{v.score:+.2f}", ", ".join(v.violated[:3]) or "-"])
     return table(rows, ["text", "verdict", "risk", "margin", "violated facets"])
 
