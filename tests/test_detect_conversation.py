@@ -207,3 +207,14 @@ def test_cli_detect_bad_messages_rows(artifact: Path, row, message: str) -> None
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.output
+
+
+def test_without_a_chat_template_a_conversation_is_read_as_paragraphs_as_in_training() -> None:
+    lm = make_tiny("llama")
+    lm.tokenizer.chat_template = None
+    poly = random_polytope(lm)
+    poly.meta["template"] = "auto"
+    (v,) = scan(poly, [chat()], lm=lm)
+    feats, _, _ = extract_features(lm, [Record(PROMPT, history=HISTORY)], 2, template="auto")
+    assert list(v.margins.values()) == pytest.approx(read_in_batches(poly, feats)[0].tolist(), abs=1e-5)
+    assert v.earlier_turns == 2
