@@ -114,8 +114,9 @@ def run_demo(out: str | Path = "runs/demo", *, show_progress: bool = False, echo
 
 
 STEERING_ASSET = Path(__file__).parent / "assets" / "steering"
-"""A small steering artifact for the default model (gate + behavioural target, layer 20), made by
-``sap steer-train --out src/sapguard/assets/steering``, with its bench table in ``BENCH.md``."""
+"""A small steering artifact for the default model (detector gate + behavioural target, layer 16),
+made by ``sap steer-train --out src/sapguard/assets/steering --layer 16``, with its bench table in
+``BENCH.md``."""
 
 
 def demo_sample(records: list[Record], n: int) -> list[Record]:
@@ -200,9 +201,9 @@ def steering_section(rows: list[dict[str, str]]) -> str:
 ## Steering (greedy, 40 new tokens; {source})
 
 The gate decides at the last prompt token (the position that emits the first answer token) whether
-to steer; `safeflow` then makes the minimal edit that puts the first generated positions inside the
-behavioural target (the model's own refusal states versus its compliance states); `refuse` answers
-with a fixed refusal. How the artifact was made and benchmarked: docs/STEERING.md.
+to steer; `safeflow` then makes the minimal edit, along the refusal direction, that puts every
+generated position inside the behavioural target (the model's own refusal states versus its
+compliance states) with margin 2; `refuse` answers with a fixed refusal. How the artifact was made and benchmarked: docs/STEERING.md.
 
 {steering_markdown(rows)}
 
