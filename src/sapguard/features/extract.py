@@ -184,6 +184,84 @@ def data_checksum(records: Sequence[Record]) -> str:
     return digest.hexdigest()
 
 
+def store_settings(
+    lm: LoadedModel, records: Sequence[Record], layer: int, policy: str, template: str, max_length: int, shard_records: int
+) -> dict[str, Any]:
+    """What a features manifest pins (``layer`` and ``template`` already resolved)."""
+    identity = lm.identity()
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": {"id": identity["id"], "revision": identity["revision"]},
+        "hidden_size": identity["hidden_size"],
+        "num_layers": identity["num_layers"],
+        "layer": layer,
+        "policy": policy,
+        "template": template,
+        "max_length": max_length,
+        "shard_records": shard_records,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "storage_dtype": "float32",
+        "data_sha256": data_checksum(records),
+        "n_records": len(records),
+    }
+
+
+def open_store(out: Path, settings: dict[str, Any], records: Sequence[Record]) -> tuple[list[dict[str, Any]], bool]:
+    """Open a features directory for writing: ``(complete shards so far, whether it is complete)``.
+
+    A new directory gets the records; one made with other settings is refused.
+    """
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / RECORDS, records)
+        return [], False
+    previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for key, value in settings.items():
+        if previous.get(key) != value:
+            raise ArtifactMismatchError(
+                f"{out}: holds features made with {key}={previous.get(key)!r}, not {value!r}; use another --out"
+            )
+    if previous.get("complete"):
+        return previous["shards"], True
+    shards = [s for s in previous["shards"] if (out / s["file"]).is_file() and sha256_file(out / s["file"]) == s["sha256"]]
+    logger.info("resuming %s after %d complete shards", out, len(shards))
+    return shards, False
+
+
+def write_manifest(out: Path, settings: dict[str, Any], shards: list[dict[str, Any]], complete: bool) -> None:
+    """Write the manifest listing the complete ``shards`` (atomically)."""
+    rows = sum(s["rows"] for s in shards)
+    write_json(out / MANIFEST, {**settings, "shards": shards, "rows": rows, "complete": complete})
+
+
+def plan_shards(
+    lm: LoadedModel, records: Sequence[Record], policy: str, template: str, max_length: int, shard_records: int, batch_size: int
+) -> list[list[list[Encoded]]]:
+    """The batches of every shard: shards hold fixed chunks of records in a deterministic length
+    order (resuming skips whole chunks), each chunk cut into length-sorted batches."""
+    encoded = encode_records(lm, records, policy, template, max_length)
+    encoded.sort(key=lambda e: (-len(e.ids), e.record_index))
+    chunks = [encoded[i : i + shard_records] for i in range(0, len(encoded), shard_records)]
+    return [length_sorted_batches(chunk, batch_size, MAX_BATCH_TOKENS) for chunk in chunks]
+
+
+def write_shard(out: Path, number: int, feats: torch.Tensor, index: list[int], pos: list[int], records: int) -> dict[str, Any]:
+    """Write shard ``number`` atomically; return its manifest entry."""
+    name = f"shard-{number:05d}.safetensors"
+    tmp = atomic_tmp_path(out / name)
+    save_file(
+        {
+            "features": feats.contiguous(),
+            "record_index": torch.tensor(index, dtype=torch.long),
+            "position": torch.tensor(pos, dtype=torch.long),
+        },
+        str(tmp),
+    )
+    tmp.replace(out / name)
+    return {"file": name, "rows": len(index), "records": records, "sha256": sha256_file(out / name)}
+
+
 def extract_to_dir(
     lm: LoadedModel,
     records: Sequence[Record],
@@ -201,73 +279,25 @@ def extract_to_dir(
 
     A second call with the same arguments on a partly written directory continues after the last
     complete shard. A directory made for another model, layer, policy, template or data is refused.
+    On several processes (``torchrun``): :func:`sapguard.features.parallel.extract_to_dir_distributed`.
     """
     check_policy(policy)
     out = Path(out_dir)
     layer = resolve_layer(layer, len(find_decoder_blocks(lm.model)))
     template = resolve_template(lm.tokenizer, template)
-    identity = lm.identity()
-    settings: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "model": {"id": identity["id"], "revision": identity["revision"]},
-        "hidden_size": identity["hidden_size"],
-        "num_layers": identity["num_layers"],
-        "layer": layer,
-        "policy": policy,
-        "template": template,
-        "max_length": max_length,
-        "shard_records": shard_records,
-        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "storage_dtype": "float32",
-        "data_sha256": data_checksum(records),
-        "n_records": len(records),
-    }
-    manifest_path = out / MANIFEST
-    shards: list[dict[str, Any]] = []
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        for key, value in settings.items():
-            if previous.get(key) != value:
-                raise ArtifactMismatchError(
-                    f"{out}: holds features made with {key}={previous.get(key)!r}, not {value!r}; use another --out"
-                )
-        if previous.get("complete"):
-            return load_features(out)
-        shards = [s for s in previous["shards"] if (out / s["file"]).is_file() and sha256_file(out / s["file"]) == s["sha256"]]
-        logger.info("resuming %s after %d complete shards", out, len(shards))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_jsonl(out / RECORDS, records)
-
-    def write_manifest(complete: bool) -> None:
-        rows = sum(s["rows"] for s in shards)
-        write_json(manifest_path, {**settings, "shards": shards, "rows": rows, "complete": complete})
-
-    write_manifest(False)
-    encoded = encode_records(lm, records, policy, template, max_length)
-    # Shards hold fixed chunks of records in a deterministic length order: resuming skips whole chunks.
-    encoded.sort(key=lambda e: (-len(e.ids), e.record_index))
-    chunks = [encoded[i : i + shard_records] for i in range(0, len(encoded), shard_records)]
-    done = sum(len(c) for c in chunks[: len(shards)])
-    bar = tqdm(total=len(encoded), initial=done, desc="extract", unit="text", disable=not show_progress)
+    settings = store_settings(lm, records, layer, policy, template, max_length, shard_records)
+    shards, complete = open_store(out, settings, records)
+    if complete:
+        return load_features(out)
+    write_manifest(out, settings, shards, False)
+    plan = plan_shards(lm, records, policy, template, max_length, shard_records, batch_size)
+    sizes = [sum(len(b) for b in batches) for batches in plan]
+    bar = tqdm(total=sum(sizes), initial=sum(sizes[: len(shards)]), desc="extract", unit="text", disable=not show_progress)
     with LayerReader(lm.model, layer, stop=True) as reader:
-        for number in range(len(shards), len(chunks)):
-            batches = length_sorted_batches(chunks[number], batch_size, MAX_BATCH_TOKENS)
-            feats, index, pos = read_batches(reader, lm, batches, policy, bar)
-            name = f"shard-{number:05d}.safetensors"
-            tmp = atomic_tmp_path(out / name)
-            save_file(
-                {
-                    "features": feats.contiguous(),
-                    "record_index": torch.tensor(index, dtype=torch.long),
-                    "position": torch.tensor(pos, dtype=torch.long),
-                },
-                str(tmp),
-            )
-            tmp.replace(out / name)
-            shards.append({"file": name, "rows": len(index), "records": len(chunks[number]), "sha256": sha256_file(out / name)})
-            write_manifest(False)
+        for number in range(len(shards), len(plan)):
+            feats, index, pos = read_batches(reader, lm, plan[number], policy, bar)
+            shards.append(write_shard(out, number, feats, index, pos, sizes[number]))
+            write_manifest(out, settings, shards, False)
     bar.close()
-    write_manifest(True)
+    write_manifest(out, settings, shards, True)
     return load_features(out)
-
