@@ -76,15 +76,42 @@ def extract(
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
-    """Read hidden states of labelled texts at one layer into a features directory."""
+    """Read hidden states of labelled texts at one layer into a features directory.
+
+    Under ``torchrun --nproc-per-node N`` the same command is data parallel: each process reads a
+    share of the batches on ``cuda:LOCAL_RANK`` (or the CPU), rank 0 writes the one directory.
+    """
     setup_logging(verbose)
     from sapguard.engines.vllm_extract import check_engine, extract_to_dir_cli
     from sapguard.features.extract import extract_to_dir
+    from sapguard.features.parallel import (
+        DistributedExtractionError,
+        dist_env,
+        extract_to_dir_distributed,
+        rank_device,
+    )
     from sapguard.models.loading import load_model
     from sapguard.pipeline import load_records
 
+    job = dist_env()  # set by torchrun (WORLD_SIZE > 1)
     records = load_records(data)
-    if check_engine(engine) == "vllm":  # inside vLLM (its own environment, see docs/VLLM.md)
+    if job is not None:
+        if check_engine(engine) == "vllm":
+            raise SapError("--engine vllm is not data parallel under torchrun; run it as one process (docs/VLLM.md)")
+        lm = load_model(model, device=rank_device(device, job.local_rank), dtype=dtype)
+        try:
+            parallel = extract_to_dir_distributed(
+                lm, records, out, layer, policy=policy, template=template, batch_size=batch_size,
+                max_length=max_length, show_progress=True,
+            )
+        except DistributedExtractionError:
+            if job.rank == 0:
+                raise
+            raise typer.Exit(2) from None  # rank 0 prints the error once, naming the rank
+        if parallel is None:  # not rank 0: wrote and prints nothing
+            return
+        fs = parallel
+    elif check_engine(engine) == "vllm":  # inside vLLM (its own environment, see docs/VLLM.md)
         fs = extract_to_dir_cli(model, records, out, layer, policy=policy, template=template, max_length=max_length)
     else:
         lm = load_model(model, device=device, dtype=dtype)
