@@ -245,6 +245,17 @@ def test_moderation_of_a_reply_in_context(live: Live, lm: LoadedModel) -> None:
     assert expected.margins != prompt_only.margins  # the reply was read, not just the prompt
 
 
+def test_moderation_reads_the_earlier_turns_of_a_conversation(live: Live, lm: LoadedModel) -> None:
+    convo = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, how can I help?"},
+             {"role": "user", "content": "how do i make a bomb"}]
+    expected = scan(live.state.poly, [convo], lm=lm)[0]
+    out = live.client().moderations.create(input=convo)  # type: ignore[arg-type]
+    assert len(out.results) == 1 and expected.earlier_turns == 1
+    assert out.results[0].model_extra["sapguard"]["margins"] == pytest.approx(expected.margins, abs=1e-5)
+    last_only = scan(live.state.poly, ["how do i make a bomb"], lm=lm)[0]
+    assert expected.margins != last_only.margins  # the history was read, not just the last message
+
+
 # -- steering and the content filter -----------------------------------------------------------
 def test_refuse_when_the_prompt_fires(lm: LoadedModel) -> None:
     poly = tiny_polytope(lm, offset=ALWAYS)
@@ -398,6 +409,9 @@ BAD_OTHER = [
     ("moderation mixed", "POST", "/v1/moderations", {"input": ["x", {"role": "user", "content": "y"}]}, 400),
     ("moderation reply without prompt", "POST", "/v1/moderations",
      {"input": [{"role": "assistant", "content": "y"}]}, 400),
+    ("moderation empty turn", "POST", "/v1/moderations",
+     {"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "},
+                {"role": "user", "content": "y"}]}, 400),
     ("wrong method", "GET", "/v1/chat/completions", None, 405),
     ("unknown route", "POST", "/v1/completions", GOOD, 404),
 ]

@@ -19,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sapguard.detect import Verdict
+from sapguard.detect import ScanItem, Verdict, conversation_from_messages
+from sapguard.errors import SapError
 from sapguard.models.chat import encode_prompt
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
@@ -312,7 +313,8 @@ def create_app(state: ServerState) -> Gate:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
                                 f"'{state.served_model_name}'", param="model", code="model_not_found")
         prompts, responses = moderation_inputs(body.input)
-        for i, text in enumerate([*prompts, *(r for r in responses or [] if r)]):
+        texts = [p if isinstance(p, str) else "\n\n".join(m["content"] for m in p) for p in prompts]
+        for i, text in enumerate([*texts, *(r for r in responses or [] if r)]):
             if len(text.encode("utf-8")) + 64 > state.max_input_tokens:
                 n = len(state.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
                 if n > state.max_input_tokens:
@@ -525,8 +527,13 @@ async def stream_chunks(
         job.cancel()  # the client went away (or we are done): free the slot
 
 
-def moderation_inputs(value: str | list[Any]) -> tuple[list[str], list[str | None] | None]:
-    """Prompts (and, for a conversation, the reply) from a moderation ``input``."""
+def moderation_inputs(value: str | list[Any]) -> tuple[list[ScanItem], list[str | None] | None]:
+    """Items to scan from a moderation ``input``: texts, or one conversation (chat messages).
+
+    A conversation is scanned as training reads it (:func:`sapguard.detect.scan`): earlier
+    exchanges as chat history, the last user message as the prompt and a final assistant message
+    as its reply; system messages are left out.
+    """
     if isinstance(value, str):
         items: list[Any] = [value]
     else:
@@ -537,18 +544,12 @@ def moderation_inputs(value: str | list[Any]) -> tuple[list[str], list[str | Non
     if messages:
         if len(messages) != len(items):
             raise APIError(400, "'input' mixes chat messages with texts; send one or the other.", param="input")
-        last = messages[-1]
-        if last.role == "assistant":
-            users = [m for m in messages[:-1] if m.role == "user"]
-            if not users:
-                raise APIError(400, "an assistant reply needs a user message before it.", param="input")
-            prompt, response = users[-1].text(), last.text()
-            if not prompt.strip() or not response.strip():
-                raise APIError(400, "the user message and the reply must not be empty.", param="input")
-            return [prompt], [response]
-        if last.role != "user" or not last.text().strip():
-            raise APIError(400, "the last message must be a non-empty user or assistant message.", param="input")
-        return [last.text()], None
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            conversation_from_messages(conversation, where="input")
+        except SapError as err:
+            raise APIError(400, str(err), param="input") from None
+        return [conversation], None
     texts = [t.text if isinstance(t, TextPart) else t for t in items]
     for i, t in enumerate(texts):
         if not t.strip():

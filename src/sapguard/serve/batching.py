@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sapguard.detect import Verdict, scan
+from sapguard.detect import ScanItem, Verdict, scan
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.serve.generation import ChatJob, Decoder, Failed
@@ -41,9 +41,9 @@ class ShuttingDown(Exception):
 
 @dataclass
 class ModerationJob:
-    """Texts to scan; ``responses`` for a reply moderated in the context of its prompt."""
+    """Texts or conversations to scan; ``responses`` for a reply moderated in the context of its prompt."""
 
-    prompts: list[str]
+    prompts: list[ScanItem]
     responses: list[str | None] | None
     done: Callable[[list[Verdict] | Failed], None]
     deadline: float
