@@ -45,16 +45,10 @@ LAYERS: list[set[str]] = [
 ]
 LAYER_OF = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
-# (importing module, imported module) pairs that go up a layer today (all lazy imports inside
-# functions). Each is a known debt from issue 11 in a file another change owns; remove the entry when
-# its import goes. Do not add to this list: put the code in the layer that owns it instead.
-ALLOWED: dict[tuple[str, str], str] = {
-    # steer/target.py builds the steering target set with the bench refusal judge and the bench
-    # attack families, while bench/run.py imports steer: a package cycle. The judge and the attack
-    # families belong below both (issue 11 item 1).
-    ("sapguard.steer.target", "sapguard.bench.judges"): "RefusalJudge used to build steering targets",
-    ("sapguard.steer.target", "sapguard.bench.attacks"): "attack families used to build steering targets",
-}
+# (importing module, imported module) pairs allowed to go up a layer: none today (the last two,
+# steer.target -> bench.judges / bench.attacks, went when the refusal judge moved to steer.refusal and
+# the attack families to data.attacks). Do not add to this list: put the code in the layer that owns it.
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from sapguard.bench import attacks, run
+from sapguard.bench import run
 from sapguard.bench.judges import (
     DegenerationJudge,
-    RefusalJudge,
     Verdict,
     judge_all,
     on_topic,
@@ -18,10 +17,12 @@ from sapguard.bench.judges import (
 )
 from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, load_questions, local_questions, mc_accuracy
+from sapguard.data import attacks
 from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.models.chat import encode_prompt
 from sapguard.steer import generate
+from sapguard.steer.refusal import RefusalJudge
 from tests.steer_fixtures import ALWAYS, NEVER, tiny_polytope
 
 

@@ -78,8 +78,7 @@ def test_chat_switches_mode_and_quits(saved):
 
 
 def test_steer_train_writes_gate_and_target(saved, monkeypatch):
-    from sapguard.bench import attacks
-    from sapguard.data import default_corpus
+    from sapguard.data import attacks, default_corpus
     from tests.test_steer_target import _corpus
 
     monkeypatch.setattr(default_corpus, "build_default_corpus", _corpus)

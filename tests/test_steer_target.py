@@ -68,7 +68,7 @@ def test_trajectory_states_read_the_positions_steering_edits(tiny_llama):
 
 
 def test_train_save_load_and_steer_with_gate_and_target(tiny_llama, tmp_path, monkeypatch):
-    from sapguard.bench import attacks
+    from sapguard.data import attacks
 
     monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
     cfg = SteeringTrainConfig(
@@ -96,7 +96,7 @@ def test_target_is_behavioural_and_safeflow_settings_are_stored(tiny_llama, monk
     """Default target: refusal vs compliance rows only (no benign answers); the artifact stores the
     validated SafeFlow margin, the refusal-direction basis and the hook's own first_n, and SafeFlow
     built from it edits along the stored direction only."""
-    from sapguard.bench import attacks
+    from sapguard.data import attacks
 
     monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
     cfg = SteeringTrainConfig(
@@ -130,7 +130,7 @@ def test_target_is_behavioural_and_safeflow_settings_are_stored(tiny_llama, monk
 
 
 def test_target_benign_rows_are_optional(tiny_llama, monkeypatch):
-    from sapguard.bench import attacks
+    from sapguard.data import attacks
 
     monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))
     cfg = SteeringTrainConfig(
@@ -157,7 +157,7 @@ def test_gate_is_a_detector_trained_without_the_bench_held_out_collections(tiny_
     """The gate uses the detection defaults (4 linear facets, logistic loss), reads the corpus's own
     wrapped rows, never those from the jailbreak collections the bench holds out, and reports its
     validation recall and benign fire rate."""
-    from sapguard.bench import attacks
+    from sapguard.data import attacks
     from sapguard.steer import target as target_mod
 
     monkeypatch.setattr(attacks, "family_attacks", lambda family, n=24: list(attacks.HANDWRITTEN))

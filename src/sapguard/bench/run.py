@@ -6,7 +6,7 @@ gates a fixed refusal), ``system_prompt`` (safety system prompt) and ``refusal_d
 ``detect`` mode, which is bit-identical to the plain model, and ``refuse`` is derived from that
 run's trace. Prompts come from one split of the default corpus (``test`` for reports,
 ``validation`` for tuning): direct harmful requests, the same requests wrapped by attack
-families never seen in training (:data:`~sapguard.bench.attacks.UNSEEN_FAMILIES`), GCG-suffixed,
+families never seen in training (:data:`~sapguard.data.attacks.UNSEEN_FAMILIES`), GCG-suffixed,
 benign and edgy-benign prompts. Every rate comes with its 95 % Wilson interval; every report
 records the commit, the command and a checksum of its prompts.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from sapguard.bench.attacks import UNSEEN_FAMILIES, assign, families_attacks, gcg_attacks
-from sapguard.bench.judges import DegenerationJudge, HarmJudge, RefusalJudge, judge_all, perplexities
+from sapguard.bench.judges import DegenerationJudge, HarmJudge, judge_all, perplexities
 from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, local_questions, mc_accuracy
+from sapguard.data.attacks import UNSEEN_FAMILIES, assign, families_attacks, gcg_attacks
 from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.models.chat import encode_prompt, resolve_template
@@ -39,6 +39,7 @@ from sapguard.steer.generate import (
 )
 from sapguard.steer.hook import SteeringHook, hook_settings
 from sapguard.steer.modes import make_mode
+from sapguard.steer.refusal import RefusalJudge
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def run_bench(
             "hook": steer_opts,
         },
         "judges": {
-            "refusal": f"{refusal.name} (first {refusal.window} chars; sapguard.bench.judges.REFUSAL_PHRASES)",
+            "refusal": f"{refusal.name} (first {refusal.window} chars; sapguard.steer.refusal.REFUSAL_PHRASES)",
             "degeneration": f"{degeneration.name}: repeated-3gram share > {degeneration.max_repetition} or base-model perplexity (response | plain request) > {degeneration.max_perplexity}",
             "asr": harm_judge.name
             if harm_judge

@@ -6,7 +6,7 @@
   by held-out-source recall, see RESULTS.md; offset calibrated to fire on 5 % of the benign
   validation prompts) on the default corpus's plain harmful and benign requests, its wrapped rows
   (ciphers, CodeAttack, long context, jailbreak collections other than those the bench holds out:
-  :data:`~sapguard.bench.attacks.CORPUS_OVERLAP`) and requests wrapped in the attack families
+  :data:`~sapguard.data.attacks.CORPUS_OVERLAP`) and requests wrapped in the attack families
   chosen for training (the same wrappers on both sides, so the wrapper is not the concept).
 - The **target** decides *where* to steer. Its rows are the model's own states at the positions
   steering edits (generated index ``0 .. first_n-1``: the last prompt position and the first
@@ -177,11 +177,11 @@ def behaviour_trajectories(
     under ``system_prompt`` (a safety system prompt; safe iff a refusal) and a teacher-forced
     refusal (safe, response positions only). Benign requests' own answers are safe.
     """
-    from sapguard.bench.judges import RefusalJudge
     from sapguard.models.chat import encode_prompt, resolve_template
     from sapguard.steer.dataset import REFUSALS
     from sapguard.steer.defences import SAFETY_SYSTEM_PROMPT
     from sapguard.steer.generate import generate
+    from sapguard.steer.refusal import RefusalJudge
 
     system_prompt = SAFETY_SYSTEM_PROMPT if system_prompt is None else system_prompt
     template = resolve_template(lm.tokenizer, "auto")
@@ -271,7 +271,7 @@ def wrapped_records(records: Sequence[Record], attacks: Sequence[Any], seed: int
     """Each record wrapped by one attack (cycling), keeping label, group and split."""
     from dataclasses import replace
 
-    from sapguard.bench.attacks import assign
+    from sapguard.data.attacks import assign
 
     pairs = assign([r.prompt for r in records], list(attacks))
     return [
@@ -363,7 +363,7 @@ class SteeringTrainConfig:
             (validation: a third); ``None``: every one of at most ``max_chars``.
         n_gate_wrapped: Harmful and benign train prompts wrapped in the training families for the gate.
         n_gate_corpus_wrapped: The corpus's own wrapped train rows (ciphers, CodeAttack, long
-            context, jailbreak collections not in :data:`~sapguard.bench.attacks.CORPUS_OVERLAP`
+            context, jailbreak collections not in :data:`~sapguard.data.attacks.CORPUS_OVERLAP`
             unless their bench families are in ``families``) for the gate (validation: a third).
         max_chars: Longest corpus prompt used (CPU budget; wrappers come on top).
         first_n: Generated indices the target covers.
@@ -430,9 +430,9 @@ def gate_records(
 
     Plain requests, other plain requests wrapped in the training families (harmful and benign
     alike) and the corpus's own wrapped rows, leaving out the jailbreak collections the bench
-    holds out (:data:`~sapguard.bench.attacks.CORPUS_OVERLAP`) unless their families are trained on.
+    holds out (:data:`~sapguard.data.attacks.CORPUS_OVERLAP`) unless their families are trained on.
     """
-    from sapguard.bench.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
+    from sapguard.data.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
     from sapguard.data.augment import wrapper_family
 
     pools = pools or request_pools(corpus, cfg)
@@ -473,7 +473,7 @@ def train_steering(
         refusal-minus-compliance direction of the target's train rows (``redirect`` and the
         trace's cosine) and what was trained on.
     """
-    from sapguard.bench.attacks import families_attacks
+    from sapguard.data.attacks import families_attacks
 
     cfg = cfg or SteeringTrainConfig()
     attacks = families_attacks(cfg.families)
