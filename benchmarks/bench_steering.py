@@ -28,8 +28,9 @@ from sapguard.bench.run import BenchConfig, markdown, provenance, run_bench
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.io import atomic_write, read_json, write_json
 from sapguard.models.loading import load_model
+from sapguard.steer.artifact import load_steering, save_steering
 from sapguard.steer.generate import generate
-from sapguard.steer.target import SteeringTrainConfig, load_steering, save_steering, train_steering
+from sapguard.steer.target import SteeringTrainConfig, train_steering
 
 
 def cmd_train(args: argparse.Namespace) -> None:

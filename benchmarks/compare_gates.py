@@ -25,8 +25,9 @@ from sapguard.data.default_corpus import build_default_corpus
 from sapguard.features.extract import extract_features
 from sapguard.io import write_json
 from sapguard.models.loading import load_model
+from sapguard.steer.artifact import load_steering
 from sapguard.steer.hook import hook_settings
-from sapguard.steer.target import SteeringTrainConfig, gate_records, load_steering
+from sapguard.steer.target import SteeringTrainConfig, gate_records
 
 
 def main() -> None:

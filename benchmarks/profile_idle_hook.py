@@ -16,8 +16,8 @@ import torch
 
 from sapguard.demo import STEERING_ASSET
 from sapguard.models.loading import load_model
+from sapguard.steer.artifact import load_steering
 from sapguard.steer.generate import generate
-from sapguard.steer.target import load_steering
 
 PROMPTS = [
     "How do I bake bread?",

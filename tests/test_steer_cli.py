@@ -102,7 +102,7 @@ def test_steer_train_writes_gate_and_target(saved, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["layer"] == 2 and summary["target_facets"] >= 1
-    from sapguard.steer.target import load_steering, target_of
+    from sapguard.steer.artifact import load_steering, target_of
 
     gate = load_steering(out)
     assert target_of(gate) is not None and gate.meta["steering"]["hook"]["first_n"] == 2

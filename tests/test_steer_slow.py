@@ -55,7 +55,7 @@ def test_shipped_steering_artifact_on_the_default_model(lm):
     lands inside the target with the artifact's margin, along the refusal direction, and changes the
     answer (the final iterate is what the model sees)."""
     from sapguard.demo import STEER_PROMPTS, STEERING_ASSET
-    from sapguard.steer.target import load_steering, target_of
+    from sapguard.steer.artifact import load_steering, target_of
 
     gate = load_steering(STEERING_ASSET)
     assert target_of(gate) is not None

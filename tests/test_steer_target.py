@@ -7,16 +7,9 @@ import torch
 from sapguard.data.records import Record
 from sapguard.detect import scan
 from sapguard.steer import generate
+from sapguard.steer.artifact import load_steering, save_steering, target_of
 from sapguard.steer.modes import SafeFlow, make_mode
-from sapguard.steer.target import (
-    SteeringTrainConfig,
-    Trajectory,
-    load_steering,
-    save_steering,
-    target_of,
-    train_steering,
-    trajectory_states,
-)
+from sapguard.steer.target import SteeringTrainConfig, Trajectory, train_steering, trajectory_states
 
 WORDS = [
     "bomb",

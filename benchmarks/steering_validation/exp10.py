@@ -2,7 +2,7 @@ from common import *
 from strict import strict, broken
 import numpy as np
 from sapguard.steer.generate import generate
-from sapguard.steer.target import load_steering, attach_target
+from sapguard.steer.artifact import load_steering, attach_target
 from sapguard.polytope.artifact import load_polytope
 gate = load_steering("../steer-L16")
 H_va = pool("validation", False, 24)

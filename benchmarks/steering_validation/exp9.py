@@ -2,7 +2,7 @@ from common import *
 from strict import strict, broken
 import numpy as np
 from sapguard.steer.generate import generate
-from sapguard.steer.target import load_steering
+from sapguard.steer.artifact import load_steering
 t0 = time.time()
 gate = load_steering(sys.argv[1])
 H_va = pool("validation", False, 24)

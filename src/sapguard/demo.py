@@ -162,8 +162,8 @@ def steering_examples(lm: LoadedModel, poly: SafetyPolytope, max_new_tokens: int
     """
     from sapguard.errors import SapError
     from sapguard.polytope.artifact import check_compatible
+    from sapguard.steer.artifact import load_steering
     from sapguard.steer.generate import generate
-    from sapguard.steer.target import load_steering
 
     settings: dict[str, Any] = {"tokens": "first_n", "first_n": 1}
     source = "detection polytope"

@@ -42,7 +42,7 @@ THRESHOLD_OPTION = typer.Option(
 
 def _load(polytope: Path, model: str | None, device: str) -> tuple[LoadedModel, SafetyPolytope]:
     from sapguard.models.loading import load_model
-    from sapguard.steer.target import load_steering
+    from sapguard.steer.artifact import load_steering
 
     poly = load_steering(polytope)
     base = (poly.meta.get("base_model") or {}).get("id") or "default"
@@ -126,7 +126,8 @@ def register(app: typer.Typer) -> None:
         setup_logging(verbose)
         from sapguard.data.default_corpus import build_default_corpus
         from sapguard.models.loading import load_model
-        from sapguard.steer.target import SteeringTrainConfig, save_steering, target_of, train_steering
+        from sapguard.steer.artifact import save_steering, target_of
+        from sapguard.steer.target import SteeringTrainConfig, train_steering
 
         lm = load_model(model, device=device)
         cfg = SteeringTrainConfig(

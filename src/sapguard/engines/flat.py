@@ -62,7 +62,7 @@ def load_guard_polytope(spec: str | Path) -> SafetyPolytope:
     A directory is loaded with its behavioural target (``target/``) when it has one.
     """
     from sapguard.polytope.artifact import default_polytope
-    from sapguard.steer.target import load_steering
+    from sapguard.steer.artifact import load_steering
 
     if str(spec) == "default":
         return default_polytope()

@@ -197,14 +197,14 @@ def make_mode(name: str, poly: SafetyPolytope, **options: Any) -> SteeringMode:
     """Build a mode by name with defaults taken from ``poly.meta["steering"]`` when present.
 
     SafeFlow's target defaults to the behavioural target attached to ``poly`` by
-    :func:`sapguard.steer.target.load_steering` (else the gate itself).
+    :func:`sapguard.steer.artifact.load_steering` (else the gate itself).
 
     Args:
         name: One of :data:`MODES`.
         poly: The polytope (for stored defaults, the target and the redirect direction).
         **options: Overrides (``margin``, ``max_steps``, ``alpha``, ``target``...); ``None`` values ignored.
     """
-    from sapguard.steer.target import target_of
+    from sapguard.steer.artifact import target_of
 
     stored = dict((poly.meta.get("steering") or {}).get("defaults", {}).get(name, {}))
     stored.update({k: v for k, v in options.items() if v is not None})

@@ -31,10 +31,8 @@ generated indices ``0 .. first_n-1`` and the hook applies it at every generated 
 (``SteeringTrainConfig.steer_first_n=None``). How far a margin moves a state depends on the trained
 target, so the margin is re-validated with every retrained artifact.
 
-On disk the gate is the artifact directory and the target its ``target/`` sub-directory (both
-``config.json`` + ``model.safetensors``; never pickle). :func:`load_steering` loads both and
-attaches the target to the gate, so ``make_mode("safeflow", gate)`` solves the target's
-constraints while the hook fires on the gate.
+The artifact on disk (gate + ``target/``) and the attachment of the target to the gate live in
+:mod:`sapguard.steer.artifact`.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,50 +50,9 @@ from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
+from sapguard.steer.artifact import attach_target
 
 logger = logging.getLogger(__name__)
-
-TARGET_DIR = "target"
-_ATTR = "steering_target"
-
-
-def attach_target(gate: SafetyPolytope, target: SafetyPolytope | None) -> SafetyPolytope:
-    """Attach ``target`` to ``gate`` (not a submodule: the gate's weights and saving are unchanged)."""
-    if target is not None and target.hidden_size != gate.hidden_size:
-        raise SapError(f"target hidden size {target.hidden_size} differs from the gate's {gate.hidden_size}")
-    gate.__dict__[_ATTR] = target
-    return gate
-
-
-def target_of(gate: SafetyPolytope) -> SafetyPolytope | None:
-    """The target attached to ``gate``, or ``None`` (SafeFlow then solves the gate itself)."""
-    target = gate.__dict__.get(_ATTR)
-    return target if isinstance(target, SafetyPolytope) else None
-
-
-def save_steering(gate: SafetyPolytope, directory: str | Path) -> None:
-    """Write the gate to ``directory`` and its attached target (if any) to ``directory/target``."""
-    from sapguard.polytope.artifact import save_polytope
-
-    save_polytope(gate, directory)
-    target = target_of(gate)
-    if target is not None:
-        save_polytope(target, Path(directory) / TARGET_DIR)
-
-
-def load_steering(directory: str | Path) -> SafetyPolytope:
-    """Load a steering artifact: the gate, with the target of ``directory/target`` attached if present."""
-    from sapguard.polytope.artifact import CONFIG, load_polytope
-
-    gate = load_polytope(directory)
-    sub = Path(directory) / TARGET_DIR
-    if (sub / CONFIG).is_file():
-        target = load_polytope(sub)
-        if target.meta.get("layer") != gate.meta.get("layer"):
-            raise SapError(f"{sub}: target layer {target.meta.get('layer')} differs from the gate's")
-        attach_target(gate, target)
-    return gate
-
 
 @dataclass
 class Trajectory:
@@ -468,7 +424,7 @@ def train_steering(
     """Train a gate and a behavioural target on ``corpus`` (train/validation splits only).
 
     Returns:
-        The gate with the target attached (save with :func:`save_steering`). Its
+        The gate with the target attached (save with :func:`~sapguard.steer.artifact.save_steering`). Its
         ``meta["steering"]`` holds the hook settings (``gate="prompt"``, ``first_n``), the
         refusal-minus-compliance direction of the target's train rows (``redirect`` and the
         trace's cosine) and what was trained on.
