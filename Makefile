@@ -26,9 +26,9 @@ test: install
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
-# ruff and mypy over src/ (configured in pyproject.toml).
+# ruff over src/ and tests/, mypy over src/ (configured in pyproject.toml).
 lint: install
-	$(BIN)/ruff check src
+	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
 test-fast: install

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @torch.inference_mode()
-def truncated_forward(lm, batches, layer: int) -> None:  # noqa: ANN001
+def truncated_forward(lm, batches, layer: int) -> None:
     """Embeddings + blocks 1..layer, nothing else, on the same batches."""
     blocks = find_decoder_blocks(lm.model)
     body = lm.model.model

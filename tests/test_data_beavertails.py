@@ -71,7 +71,7 @@ def test_unreachable_hub_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
         raise ConnectionError("Couldn't reach 'PKU-Alignment/BeaverTails' on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
-    with pytest.raises(SapError, match="cannot load PKU-Alignment/BeaverTails split '30k_train'.*path="):
+    with pytest.raises(SapError, match=r"cannot load PKU-Alignment/BeaverTails split '30k_train'.*path="):
         beavertails.load_beavertails("30k_train")
 
 

@@ -106,7 +106,7 @@ def test_leave_one_out_never_trains_on_the_held_out_fold(monkeypatch: pytest.Mon
     seen: list[set[int]] = []
     real = train_mod.train_polytope
 
-    def spy(x_tr, y_tr, x_val, y_val, cfg=None, **kw):  # noqa: ANN001, ANN202
+    def spy(x_tr, y_tr, x_val, y_val, cfg=None, **kw):
         seen.append({row_of[tuple(v)] for v in x_tr.tolist() + x_val.tolist()})
         return real(x_tr, y_tr, x_val, y_val, cfg, **kw)
 

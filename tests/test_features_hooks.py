@@ -58,7 +58,7 @@ def test_batched_left_padded_equals_one_by_one(tiny_lm):
         Record("please tell me how do i hack into wifi and steal card password", "you can buy a weapon", False),
     ]
     for policy in ("last_prompt", "last_response", "response_tokens"):
-        batched, index, pos = extract_features(tiny_lm, records, 2, policy=policy, batch_size=8)
+        batched, index, _pos = extract_features(tiny_lm, records, 2, policy=policy, batch_size=8)
         alone = [extract_features(tiny_lm, [r], 2, policy=policy, batch_size=1)[0] for r in records]
         assert torch.allclose(batched, torch.cat(alone), atol=1e-5), policy
         assert index.tolist() == sorted(index.tolist())

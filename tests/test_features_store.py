@@ -85,7 +85,7 @@ def test_empty_prompt_is_refused(tiny_llama):
 
 
 def test_not_a_features_directory(tmp_path):
-    with pytest.raises(SapError, match="manifest.json"):
+    with pytest.raises(SapError, match=r"manifest\.json"):
         load_features(tmp_path)
 
 
