@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import os
-import runpy
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -98,15 +97,6 @@ def rank_main(root: Path, model_dir: Path) -> None:
             outcome[name].update(complete=manifest["complete"], shards=manifest["shards"], files=sorted(p.name for p in out.iterdir()))
         dist.barrier()
     dist.destroy_process_group()
-    # the CLI as `torchrun ... -m sapguard.cli extract ...` runs it: joins the job from the environment
-    stdout, code = io.StringIO(), None
-    sys.argv = ["sap", *cli_args(root / "data.jsonl", model_dir, root / "cli")]
-    try:
-        with contextlib.redirect_stdout(stdout):
-            runpy.run_module("sapguard.cli", run_name="__main__")
-    except SystemExit as done:
-        code = done.code
-    outcome["cli"] = {"code": code, "stdout": stdout.getvalue()}
     (root / f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
@@ -124,12 +114,33 @@ def runs(tiny_dir, tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
     """``torchrun --standalone --nproc-per-node 2 tests/test_features_parallel.py ROOT MODEL`` (CPU, gloo)."""
     root = tmp_path_factory.mktemp("parallel")
     write_jsonl(root / "data.jsonl", records())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-           __file__, str(root), str(tiny_dir)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(__file__, str(root), str(tiny_dir))
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_dir, tmp_path_factory) -> tuple[Path, str]:
+    """``torchrun --standalone --nproc-per-node 2 -m sapguard.cli extract ...``: the command a user runs
+    (its own job: re-joining a job whose group was destroyed can hang in gloo's connect)."""
+    root = tmp_path_factory.mktemp("cli")
+    write_jsonl(root / "data.jsonl", records())
+    return root, torchrun("-m", "sapguard.cli", *cli_args(root / "data.jsonl", tiny_dir, root / "cli"))
+
+
+def torchrun(*args: str, timeout: float = 300) -> str:
+    """Run a 2-rank CPU job; its stdout. On a timeout the whole process group is killed (no orphan ranks)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout
 
 
 def single_process(tiny_dir: Path, out: Path, **options: Any) -> Path:
@@ -184,12 +195,10 @@ def test_complete_store_is_returned_unchanged(runs):
     assert outcome[0]["again"] == {"rows": 23} and outcome[1]["again"] == {"rows": None}
 
 
-def test_torchrun_cli_equals_single_process(runs, tiny_dir, tmp_path):
+def test_torchrun_cli_equals_single_process(cli_run, tiny_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m sapguard.cli extract ...` on CPU: one store, printed once."""
-    root, outcome = runs
-    assert outcome[1]["cli"] == {"code": 0, "stdout": ""}  # other ranks print (and write) nothing
-    assert outcome[0]["cli"]["code"] == 0
-    summary = json.loads(outcome[0]["cli"]["stdout"])
+    root, stdout = cli_run
+    summary = json.loads(stdout)  # one JSON document: rank 1 prints (and writes) nothing
     assert summary["rows"] == 23 and summary["out"] == str(root / "cli")
     single = tmp_path / "single"
     with one_thread():
