@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (pinned so pip never pulls a multi-GB CUDA build on CPU machines).
 TORCH ?= torch==2.13.0
 
-.PHONY: install fetch demo test test-fast lint bench clean vllm-env test-vllm bench-vllm
+.PHONY: install fetch demo test test-fast lint bench clean vllm-env test-vllm bench-vllm gcg
 
 $(BIN)/sap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_extraction.py
+
+# Adaptive GCG suffixes against the base default model (benchmarks/gcg_suffixes.py). nanogcg 0.3.0
+# pins transformers<=4.47.1 on PyPI yet runs on ours without its prefix cache: installed without deps.
+NANOGCG ?= nanogcg==0.3.0
+GCG_ARGS ?= --n-requests 8 --steps 20 --search-width 64
+gcg: fetch
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(NANOGCG)'
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gcg_suffixes.py $(GCG_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
