@@ -184,13 +184,25 @@ class AddDirection(Redirect):
 
 
 def steering_direction(poly: SafetyPolytope) -> torch.Tensor:
-    """The redirect direction stored in the polytope's meta (``meta["steering"]["direction"]``)."""
+    """The redirect direction in the polytope's meta (``meta["steering"]["direction"]``), float32.
+
+    :func:`sapguard.steer.artifact.load_steering` puts it there from the artifact's
+    ``steering.safetensors`` (or from the JSON list of an older artifact's config).
+    """
     steering = poly.meta.get("steering") or {}
     if "direction" not in steering:
+        if "direction_tensor" in steering:
+            raise SapError(
+                "this polytope's steering direction is in its steering.safetensors; load the artifact "
+                "with sapguard.steer.artifact.load_steering"
+            )
         raise SapError(
             "this polytope has no steering direction; train it with `sap steer-train` or use safeflow"
         )
-    return torch.tensor(steering["direction"], dtype=torch.float32)
+    direction = steering["direction"]
+    if isinstance(direction, torch.Tensor):
+        return direction.detach().to("cpu", torch.float32).clone()
+    return torch.tensor(direction, dtype=torch.float32)
 
 
 def make_mode(name: str, poly: SafetyPolytope, **options: Any) -> SteeringMode:
