@@ -43,6 +43,7 @@ from sapguard.steer.generate import (
     DEFAULT_REFUSAL,
     Generation,
     generate,
+    refuse,
 )
 from sapguard.steer.hook import SteeringHook, hook_settings
 from sapguard.steer.modes import make_mode
@@ -219,15 +220,8 @@ def set_metrics(items: Sequence[Item], gens: Sequence[Generation], verdicts: Seq
 
 
 def _refuse_from_detect(gens: list[Generation], text: str) -> list[Generation]:
-    out = []
-    for g in gens:
-        fired = g.summary.prompt_fired or g.summary.fired_steered > 0
-        out.append(
-            replace(g, response=text, refused=True, logits=None, mode="refuse")
-            if fired
-            else replace(g, mode="refuse")
-        )
-    return out
+    """The refuse condition from the base run's detect traces (refuse mode's own rule, no second run)."""
+    return [refuse(g, text, drop_logits=True) for g in gens]
 
 
 def run_bench(

@@ -9,7 +9,7 @@ too and marked ``fallback="refusal"``; steering never silently returns an unstee
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -266,7 +266,28 @@ def _generate_batch(
             gen.trace, gen.summary = row_trace(hook.trace, row, toks, poly.facet_names)
             if gen.summary.failed_tokens:
                 gen.response, gen.refused, gen.fallback = refusal_text, True, "refusal"
-            elif mode_name == "refuse" and (gen.summary.prompt_fired or gen.summary.fired_steered):
-                gen.response, gen.refused = refusal_text, True
+            elif mode_name == "refuse":
+                gen = refuse(gen, refusal_text)
         gens.append(gen)
     return gens
+
+
+def refuse_fires(summary: TraceSummary) -> bool:
+    """Refuse mode's rule: a row is refused when the polytope fired at a selected prompt position or
+    at a generated token the token policy steers (firing elsewhere is reported, not acted on)."""
+    return summary.prompt_fired or summary.fired_steered > 0
+
+
+def refuse(gen: Generation, refusal_text: str, *, drop_logits: bool = False) -> Generation:
+    """``gen`` as refuse mode answers it: a copy in mode ``"refuse"`` whose response is ``refusal_text``
+    (and ``refused`` set) when :func:`refuse_fires` holds on its trace; ``gen`` itself is not changed.
+
+    Used by :func:`generate` in ``refuse`` mode and by the bench, which answers its refuse condition
+    from the base run's ``detect`` traces. ``drop_logits``: a refused copy keeps no logits (they are
+    those of the answer not given).
+    """
+    if not refuse_fires(gen.summary):
+        return replace(gen, mode="refuse")
+    return replace(
+        gen, mode="refuse", response=refusal_text, refused=True, logits=None if drop_logits else gen.logits
+    )
