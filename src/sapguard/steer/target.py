@@ -41,7 +41,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,7 +52,11 @@ from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.steer.artifact import attach_target
 
+if TYPE_CHECKING:
+    from sapguard.data.attacks import Attack
+
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Trajectory:
@@ -380,19 +384,23 @@ def _take(pools: Pools, split: str, kind: str, n: int | None) -> list[Record]:
 
 
 def gate_records(
-    corpus: Sequence[Record], cfg: SteeringTrainConfig, pools: Pools | None = None
+    corpus: Sequence[Record],
+    cfg: SteeringTrainConfig,
+    pools: Pools | None = None,
+    attacks: Sequence[Attack] | None = None,
 ) -> list[Record]:
     """The gate's train and validation rows (see :class:`SteeringTrainConfig` for the sizes).
 
     Plain requests, other plain requests wrapped in the training families (harmful and benign
     alike) and the corpus's own wrapped rows, leaving out the jailbreak collections the bench
     holds out (:data:`~sapguard.data.attacks.CORPUS_OVERLAP`) unless their families are trained on.
+    ``pools`` and ``attacks`` (``families_attacks(cfg.families)``) default to those of ``cfg``.
     """
     from sapguard.data.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
     from sapguard.data.augment import wrapper_family
 
     pools = pools or request_pools(corpus, cfg)
-    attacks = families_attacks(cfg.families)
+    attacks = families_attacks(cfg.families) if attacks is None else attacks
     excluded = set() if set(UNSEEN_FAMILIES) <= set(cfg.families) else set(CORPUS_OVERLAP)
     out: list[Record] = []
     for split in ("train", "validation"):
@@ -430,26 +438,23 @@ def train_steering(
         trace's cosine) and what was trained on.
     """
     from sapguard.data.attacks import families_attacks
+    from sapguard.steer.dataset import mean_direction
 
     cfg = cfg or SteeringTrainConfig()
     attacks = families_attacks(cfg.families)
     pools = request_pools(corpus, cfg)
-
-    def take(split: str, kind: str, n: int | None) -> list[Record]:
-        return _take(pools, split, kind, n)
-
-    gate = train_gate(lm, gate_records(corpus, cfg, pools), layer, show_progress=show_progress)
+    gate = train_gate(lm, gate_records(corpus, cfg, pools, attacks), layer, show_progress=show_progress)
 
     harmful_t: list[Record] = []
     benign_t: list[Record] = []
     for split in ("train", "validation"):
-        direct = take(split, "harmful", cfg.n_harmful)
+        direct = _take(pools, split, "harmful", cfg.n_harmful)
         rest = pools[split]["harmful"][len(direct) :]
         harmful_t += direct + wrapped_records(
-            rest[: len(take(split, "harmful", cfg.n_wrapped))], attacks, cfg.seed + 2
+            rest[: len(_take(pools, split, "harmful", cfg.n_wrapped))], attacks, cfg.seed + 2
         )
         if cfg.target_benign:
-            benign_t += take(split, "benign", cfg.n_benign)
+            benign_t += _take(pools, split, "benign", cfg.n_benign)
     trajectories = behaviour_trajectories(
         lm, harmful_t, benign_t, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, show_progress=show_progress
     )
@@ -457,8 +462,6 @@ def train_steering(
     target = train_target(
         lm, trajectories, layer, cfg.first_n, states=(x, owner), show_progress=show_progress
     )
-    from sapguard.steer.dataset import mean_direction
-
     train_row = torch.tensor([trajectories[i].split == "train" for i in owner])
     refusing = (
         torch.tensor([trajectories[i].safe and trajectories[i].kind != "benign" for i in owner]) & train_row
