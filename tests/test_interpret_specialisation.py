@@ -172,9 +172,15 @@ def test_suggested_names_and_renaming_the_artifact(tmp_path):
     assert names[0] == "fraud" and names[1] == "privacy" and names[3] == "violence"
     assert names[2].startswith(("facet_2", "fraud_", "privacy_", "violence_"))
     poly.save_pretrained(tmp_path / "poly")
+    weights = (tmp_path / "poly" / "model.safetensors").read_bytes()
+    (tmp_path / "poly" / "target").mkdir()  # a steering artifact's other files survive a renaming
+    (tmp_path / "poly" / "steering.safetensors").write_bytes(b"direction")
     assert apply_facet_names(tmp_path / "poly", names) == ["facet_0", "facet_1", "facet_2", "facet_3"]
     reloaded = load_polytope(tmp_path / "poly")
-    assert reloaded.facet_names == names
+    assert reloaded.facet_names == names and names[0] in (tmp_path / "poly" / "README.md").read_text()
+    assert (tmp_path / "poly" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "poly" / "target").is_dir()
+    assert (tmp_path / "poly" / "steering.safetensors").read_bytes() == b"direction"
     assert torch.equal(reloaded.phi, poly.phi)
     with pytest.raises(SapError, match="3 facet names given for 4"):
         apply_facet_names(tmp_path / "poly", ["a", "b", "c"])

@@ -126,3 +126,16 @@ def test_shipped_artifact_direction():
     config = json.loads((SHIPPED / "config.json").read_text())
     if "direction_tensor" in config["steering"]:  # the new format: the file is shipped beside the gate
         assert (SHIPPED / DIRECTION_FILE).is_file() and "direction" not in config["steering"]
+
+
+def test_the_server_loads_a_steering_artifact_whole(tmp_path):
+    """``sap serve -p DIR`` gets the gate with its direction and its target (SafeFlow's region)."""
+    from sapguard.serve.config import ServeConfig
+    from sapguard.serve.server import load_polytope_for
+    from sapguard.steer.artifact import target_of
+
+    u = _direction()
+    save_steering(_gate(u.tolist()), tmp_path)
+    poly, label = load_polytope_for(ServeConfig(polytope=str(tmp_path)))
+    assert label == str(tmp_path) and target_of(poly) is not None
+    assert torch.equal(torch.tensor(poly.meta["steering"]["direction"], dtype=torch.float32), u.float())

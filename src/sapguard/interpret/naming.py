@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sapguard.errors import SapError
-from sapguard.polytope.artifact import load_polytope, save_polytope
+from sapguard.io import atomic_write, write_json
+from sapguard.polytope.artifact import CARD, CONFIG, load_polytope, model_card, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ def check_names(names: Sequence[str], num_facets: int, where: str) -> list[str]:
 
 
 def apply_facet_names(directory: str | Path, names: Sequence[str]) -> list[str]:
-    """Write ``names`` into a polytope artifact's config (the artifact is re-saved atomically).
+    """Write ``names`` into a polytope artifact's ``config.json`` and card (each atomically).
+
+    Only those two files change: the weights (and their recorded checksum) and whatever else the
+    directory holds (a steering artifact's direction and ``target/``) stay as they are.
 
     Returns:
         The previous names.
@@ -41,7 +45,10 @@ def apply_facet_names(directory: str | Path, names: Sequence[str]) -> list[str]:
     poly = load_polytope(directory)
     names = check_names(names, poly.num_facets, str(directory))
     old = poly.facet_names
-    poly.meta["facet_names"] = names
-    save_polytope(poly, directory)
+    config = read_config(directory)
+    config["facet_names"] = names
+    write_json(Path(directory) / CONFIG, config)
+    with atomic_write(Path(directory) / CARD) as fh:
+        fh.write(model_card(config))
     logger.info("renamed facets of %s", directory)
     return old

@@ -24,6 +24,7 @@ from sapguard.serve.batching import Scheduler
 from sapguard.serve.config import ServeConfig
 from sapguard.serve.generation import Decoder
 from sapguard.serve.metrics import ServerMetrics
+from sapguard.steer.artifact import load_steering
 from sapguard.steer.generate import eos_ids
 from sapguard.steer.modes import SteeringMode, make_mode
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 def load_polytope_for(config: ServeConfig) -> tuple[SafetyPolytope, str]:
     """The polytope named in ``config``, or the shipped default (no polytope, or ``"default"``), and a label."""
     if config.polytope is not None and config.polytope != "default":
-        return load_polytope(config.polytope), str(config.polytope)
+        return load_steering(config.polytope), str(config.polytope)
     from sapguard import detect
     from sapguard.polytope import artifact
 
