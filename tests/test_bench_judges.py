@@ -204,3 +204,16 @@ def test_set_metrics_on_canned_responses():
     assert m["direct"]["degenerate"]["k"] == 1 and m["direct"]["fired"]["k"] == 1
     assert m["benign"]["refusal"]["rate"] == 0.5
     assert m["benign"]["refusal"]["ci95"] == [round(x, 4) for x in run.wilson(1, 2)]
+
+
+def test_bench_gcg_set_uses_the_chosen_suffixes(monkeypatch):
+    monkeypatch.setattr(run, "families_attacks", lambda families: list(attacks.HANDWRITTEN))
+    cfg = run.BenchConfig(n_direct=0, n_jailbreak=0, n_gcg=3, n_benign=0, n_edgy=0, gcg_suffixes="nanogcg")
+    items = run.bench_items(_corpus(), cfg)
+    shipped = attacks.nanogcg_attacks()
+    assert shipped and all(a.kind == "gcg" and a.template.startswith("{prompt} ") for a in shipped)
+    assert [it.set for it in items] == ["gcg"] * 3
+    by_name = {a.name: a for a in shipped}
+    assert all(it.sent == by_name[it.attack].wrap(it.request) != it.request for it in items)
+    with pytest.raises(SapError, match="gcg_suffixes"):
+        run.bench_items(_corpus(), run.BenchConfig(n_gcg=1, gcg_suffixes="nope"))
