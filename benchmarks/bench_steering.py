@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--split", default="test")
     parser.add_argument("--conditions", default="base,safeflow,redirect")
-    parser.add_argument("--set", nargs="*", default=[], help="BenchConfig overrides, KEY=JSON")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], help="BenchConfig overrides, KEY=JSON")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
