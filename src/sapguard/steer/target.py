@@ -322,6 +322,9 @@ class SteeringTrainConfig:
         n_gate: Harmful and benign plain train prompts of the corpus (each) for the gate
             (validation: a third); ``None``: every one of at most ``max_chars``.
         n_gate_wrapped: Harmful and benign train prompts wrapped in the training families for the gate.
+        n_gate_noise: Harmful and benign train prompts (each; validation: a third) with a random
+            GCG-shaped suffix (:func:`~sapguard.data.attacks.noise_attacks`, words from the train
+            split) for the gate, so that a suffix of junk does not hide a request from it.
         n_gate_corpus_wrapped: The corpus's own wrapped train rows (ciphers, CodeAttack, long
             context, jailbreak collections not in :data:`~sapguard.data.attacks.CORPUS_OVERLAP`
             unless their bench families are in ``families``) for the gate (validation: a third).
@@ -343,6 +346,7 @@ class SteeringTrainConfig:
     n_benign: int = 30
     n_gate: int | None = None
     n_gate_wrapped: int = 150
+    n_gate_noise: int = 0
     n_gate_corpus_wrapped: int = 300
     max_chars: int = 400
     first_n: int = 8
@@ -396,7 +400,13 @@ def gate_records(
     holds out (:data:`~sapguard.data.attacks.CORPUS_OVERLAP`) unless their families are trained on.
     ``pools`` and ``attacks`` (``families_attacks(cfg.families)``) default to those of ``cfg``.
     """
-    from sapguard.data.attacks import CORPUS_OVERLAP, UNSEEN_FAMILIES, families_attacks
+    from sapguard.data.attacks import (
+        CORPUS_OVERLAP,
+        UNSEEN_FAMILIES,
+        corpus_words,
+        families_attacks,
+        noise_attacks,
+    )
     from sapguard.data.augment import wrapper_family
 
     pools = pools or request_pools(corpus, cfg)
@@ -410,6 +420,11 @@ def gate_records(
         n = len(_take(pools, split, "harmful", cfg.n_gate_wrapped))
         out += wrapped_records(tail_h[:n], attacks, cfg.seed)
         out += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
+        if cfg.n_gate_noise:
+            m = len(_take(pools, split, "harmful", cfg.n_gate_noise))
+            noise = noise_attacks(64, cfg.seed, corpus_words(r.prompt for r in corpus if r.split == "train"))
+            out += wrapped_records(tail_h[n : n + m], noise, cfg.seed)
+            out += wrapped_records(tail_b[n : n + m], noise, cfg.seed + 1)
         corpus_wrapped = sorted(
             (r for r in corpus if r.split == split and r.wrapper and wrapper_family(r) not in excluded),
             key=lambda r: r.prompt,
