@@ -27,7 +27,13 @@ from sapguard.io import write_json
 from sapguard.models.loading import load_model
 from sapguard.polytope.artifact import DEFAULT_DETECTOR, save_polytope
 from sapguard.steer.artifact import load_steering
-from sapguard.steer.target import SteeringTrainConfig, gate_records, request_pools, train_gate, wrapped_records
+from sapguard.steer.target import (
+    SteeringTrainConfig,
+    gate_records,
+    request_pools,
+    train_gate,
+    wrapped_records,
+)
 
 out = Path(sys.argv[1])
 n_noise = int(sys.argv[2]) if len(sys.argv) > 2 else 150
