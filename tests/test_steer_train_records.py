@@ -34,7 +34,7 @@ def test_noise_suffixes_are_deterministic_gcg_shaped_and_never_garaks():
 
 def test_gate_noise_rows_come_in_harmful_benign_pairs_off_the_plain_rows():
     corpus = _corpus()
-    cfg = SteeringTrainConfig(n_gate=4, n_gate_wrapped=3, n_gate_corpus_wrapped=0)
+    cfg = SteeringTrainConfig(n_gate=4, n_gate_wrapped=3, n_gate_corpus_wrapped=0, n_gate_noise=0)
     plain = gate_records(corpus, cfg)
     with_noise = gate_records(corpus, replace(cfg, n_gate_noise=3))
     noise = [r for r in with_noise if r.source.endswith("+noise")]

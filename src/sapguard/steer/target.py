@@ -346,7 +346,7 @@ class SteeringTrainConfig:
     n_benign: int = 30
     n_gate: int | None = None
     n_gate_wrapped: int = 150
-    n_gate_noise: int = 0
+    n_gate_noise: int = 150
     n_gate_corpus_wrapped: int = 300
     max_chars: int = 400
     first_n: int = 8
