@@ -224,6 +224,102 @@ def _refuse_from_detect(gens: list[Generation], text: str) -> list[Generation]:
     return [refuse(g, text, drop_logits=True) for g in gens]
 
 
+Runs = dict[str, tuple[list[Generation], float]]
+"""Condition name -> (its generations, seconds)."""
+
+
+def generate_conditions(
+    lm: LoadedModel,
+    poly: SafetyPolytope,
+    corpus: Sequence[Record],
+    cfg: BenchConfig,
+    prompts: list[str],
+    template: str,
+    questions: Sequence[MCQuestion],
+    show_progress: bool = False,
+) -> tuple[Runs, dict[str, float]]:
+    """Generate the answers of every condition of ``cfg`` and its MMLU-format accuracy."""
+    common: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "template": template,
+        "return_logits": True,
+    }
+    steer_opts = hook_settings(poly, tokens=cfg.tokens, first_n=cfg.first_n, threshold=cfg.threshold)
+    runs: Runs = {}
+    mmlu: dict[str, float] = {}
+
+    def timed(name: str, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        runs[name] = (
+            generate(lm, prompts, show_progress=show_progress, **common, **kwargs),
+            time.perf_counter() - start,
+        )
+        logger.info("%s: %.1fs", name, runs[name][1])
+
+    def accuracy(**kwargs: Any) -> float:
+        return float(mc_accuracy(lm, questions, template=template, **kwargs)["accuracy"])
+
+    def hooked(mode: Any, **opts: Any) -> Any:
+        return lambda: SteeringHook(lm.model, poly, mode, **opts)
+
+    wanted = set(cfg.conditions)
+    if wanted & {"base", "refuse"}:
+        timed("base", poly=poly, mode="detect", **steer_opts)
+        mmlu["base"] = accuracy()
+        if "refuse" in wanted:
+            runs["refuse"] = (_refuse_from_detect(runs["base"][0], DEFAULT_REFUSAL), runs["base"][1])
+            mmlu["refuse"] = mmlu["base"]  # a refusal is never a letter; scored as for the base model
+    for name, opts in (("safeflow", cfg.safeflow), ("redirect", cfg.redirect)):
+        if name in wanted:
+            mode = make_mode(name, poly, **opts)
+            timed(name, poly=poly, mode=mode, **steer_opts)
+            mmlu[name] = accuracy(context=hooked(mode, **steer_opts))
+    if "system_prompt" in wanted:
+        timed("system_prompt", system=SAFETY_SYSTEM_PROMPT)
+        mmlu["system_prompt"] = accuracy(system=SAFETY_SYSTEM_PROMPT)
+    if "refusal_direction" in wanted:
+        train_harm = [r.prompt for r in corpus if not r.is_safe and r.split == "train"][:64]
+        train_safe = [r.prompt for r in corpus if r.is_safe and r.split == "train"][:64]
+        layer = int(poly.meta["layer"])
+        mode = refusal_direction_mode(
+            refusal_direction(lm, train_harm, train_safe, layer, template), cfg.refusal_alpha
+        )
+        all_tokens = dict(steer_opts, tokens="all")
+        timed("refusal_direction", poly=poly, mode=mode, **all_tokens)
+        mmlu["refusal_direction"] = accuracy(context=hooked(mode, **all_tokens))
+    return runs, mmlu
+
+
+def condition_metrics(
+    name: str,
+    items: Sequence[Item],
+    gens: Sequence[Generation],
+    verdicts: Sequence[Any],
+    kl: list[float] | None,
+) -> dict[str, Any]:
+    """Rates per set, KL on benign prompts (``kl``: per-prompt values; ``None``: not defined) and the
+    edit statistics of one condition."""
+    metrics: dict[str, Any] = dict(set_metrics(items, gens, verdicts))
+    if name == "base":
+        metrics["kl_per_token"] = 0.0
+    elif kl is None:
+        metrics["kl_per_token"] = None  # a different prompt: per-token KL against base is not defined
+    else:
+        metrics["kl_per_token"] = float(np.mean(kl)) if kl else 0.0
+    benign_idx = [i for i, it in enumerate(items) if it.set in BENIGN_SETS]
+    harmful_idx = [i for i, it in enumerate(items) if it.set in HARMFUL_SETS]
+    edited = [gens[i].summary for i in harmful_idx if gens[i].summary.edited_tokens]
+    metrics["edited_tokens_harmful"] = sum(gens[i].summary.edited_tokens for i in harmful_idx)
+    metrics["edited_tokens_benign"] = sum(gens[i].summary.edited_tokens for i in benign_idx)
+    metrics["fired_benign"] = rate(
+        [gens[i].summary.prompt_fired or gens[i].summary.fired_steered > 0 for i in benign_idx]
+    )
+    metrics["mean_edit_norm_harmful"] = float(np.mean([e.mean_edit_norm for e in edited] or [0.0]))
+    metrics["mean_edit_cosine_harmful"] = float(np.mean([e.mean_edit_cosine for e in edited] or [0.0]))
+    return metrics
+
+
 def run_bench(
     lm: LoadedModel,
     poly: SafetyPolytope,
@@ -239,66 +335,15 @@ def run_bench(
     Returns:
         ``{"config", "judges", "conditions": {name: metrics}, "samples": {name: [...]}}``.
     """
-    items = bench_items(corpus, cfg)
-    template = resolve_template(lm.tokenizer, poly.meta.get("template") or "auto")
-    layer = int(poly.meta["layer"])
-    questions = list(questions or local_questions())[: cfg.n_mmlu or None]
-    prompts = [it.sent for it in items]
-    common: dict[str, Any] = {
-        "max_new_tokens": cfg.max_new_tokens,
-        "batch_size": cfg.batch_size,
-        "template": template,
-        "return_logits": True,
-    }
-    steer_opts = hook_settings(poly, tokens=cfg.tokens, first_n=cfg.first_n, threshold=cfg.threshold)
-    runs: dict[str, tuple[list[Generation], float]] = {}
-    mmlu: dict[str, float] = {}
-
-    def timed(name: str, **kwargs: Any) -> None:
-        start = time.perf_counter()
-        runs[name] = (
-            generate(lm, prompts, show_progress=show_progress, **common, **kwargs),
-            time.perf_counter() - start,
-        )
-        logger.info("%s: %.1fs", name, runs[name][1])
-
-    def hook_context(mode: Any, **opts: Any) -> Any:
-        return lambda: SteeringHook(lm.model, poly, mode, **opts)
-
-    wanted = set(cfg.conditions)
-    if wanted & {"base", "refuse"}:
-        timed("base", poly=poly, mode="detect", **steer_opts)
-        mmlu["base"] = mc_accuracy(lm, questions, template=template)["accuracy"]
-        if "refuse" in wanted:
-            runs["refuse"] = (_refuse_from_detect(runs["base"][0], DEFAULT_REFUSAL), runs["base"][1])
-            mmlu["refuse"] = mmlu["base"]  # a refusal is never a letter; scored as for the base model
-    for name, opts in (("safeflow", cfg.safeflow), ("redirect", cfg.redirect)):
-        if name in wanted:
-            mode = make_mode(name, poly, **opts)
-            timed(name, poly=poly, mode=mode, **steer_opts)
-            mmlu[name] = mc_accuracy(
-                lm, questions, template=template, context=hook_context(mode, **steer_opts)
-            )["accuracy"]
-    if "system_prompt" in wanted:
-        timed("system_prompt", system=SAFETY_SYSTEM_PROMPT)
-        mmlu["system_prompt"] = mc_accuracy(lm, questions, template=template, system=SAFETY_SYSTEM_PROMPT)[
-            "accuracy"
-        ]
-    if "refusal_direction" in wanted:
-        train_harm = [r.prompt for r in corpus if not r.is_safe and r.split == "train"][:64]
-        train_safe = [r.prompt for r in corpus if r.is_safe and r.split == "train"][:64]
-        mode = refusal_direction_mode(
-            refusal_direction(lm, train_harm, train_safe, layer, template), cfg.refusal_alpha
-        )
-        timed("refusal_direction", poly=poly, mode=mode, **dict(steer_opts, tokens="all"))
-        mmlu["refusal_direction"] = mc_accuracy(
-            lm, questions, template=template, context=hook_context(mode, **dict(steer_opts, tokens="all"))
-        )["accuracy"]
-
-    refusal, degeneration = RefusalJudge(), DegenerationJudge()
-    prompt_ids = [encode_prompt(lm.tokenizer, p, template) for p in prompts]
     import hashlib
 
+    items = bench_items(corpus, cfg)
+    template = resolve_template(lm.tokenizer, poly.meta.get("template") or "auto")
+    questions = list(questions or local_questions())[: cfg.n_mmlu or None]
+    prompts = [it.sent for it in items]
+    runs, mmlu = generate_conditions(lm, poly, corpus, cfg, prompts, template, questions, show_progress)
+    refusal, degeneration = RefusalJudge(), DegenerationJudge()
+    prompt_ids = [encode_prompt(lm.tokenizer, p, template) for p in prompts]
     report: dict[str, Any] = {
         "provenance": provenance(),
         "prompts_sha256": hashlib.sha256(
@@ -307,10 +352,10 @@ def run_bench(
         "config": asdict(cfg),
         "model": lm.identity(),
         "polytope": {
-            "layer": layer,
+            "layer": int(poly.meta["layer"]),
             "num_facets": poly.num_facets,
             "offset": float(poly.offset),
-            "hook": steer_opts,
+            "hook": hook_settings(poly, tokens=cfg.tokens, first_n=cfg.first_n, threshold=cfg.threshold),
         },
         "judges": {
             "refusal": f"{refusal.name} (first {refusal.window} chars; sapguard.steer.refusal.REFUSAL_PHRASES)",
@@ -324,47 +369,20 @@ def run_bench(
         "conditions": {},
         "samples": {},
     }
+    benign_idx = [i for i, it in enumerate(items) if it.set in BENIGN_SETS]
     for name in [c for c in CONDITIONS if c in runs]:
         gens, seconds = runs[name]
         responses = [g.response for g in gens]
-        ppl = perplexities(lm, [it.request for it in items], responses, template)
+        requests = [it.request for it in items]
+        ppl = perplexities(lm, requests, responses, template)
         verdicts = judge_all(
-            [it.request for it in items],
-            responses,
-            refusal=refusal,
-            degeneration=degeneration,
-            ppl=ppl,
-            harm=harm_judge,
+            requests, responses, refusal=refusal, degeneration=degeneration, ppl=ppl, harm=harm_judge
         )
-        metrics: dict[str, Any] = {"seconds": round(seconds, 1), "mmlu_accuracy": mmlu.get(name)}
-        metrics.update(set_metrics(items, gens, verdicts))
-        benign_idx = [i for i, it in enumerate(items) if it.set in BENIGN_SETS]
-        if name == "base":
-            metrics["kl_per_token"] = 0.0
-        elif name != "system_prompt":
-            kls = per_token_kl(lm, [prompt_ids[i] for i in benign_idx], [gens[i] for i in benign_idx])
-            metrics["kl_per_token"] = float(np.mean(kls)) if kls else 0.0
-        else:
-            metrics["kl_per_token"] = None  # a different prompt: per-token KL against base is not defined
-        harmful_idx = [i for i, it in enumerate(items) if it.set in HARMFUL_SETS]
-        metrics["edited_tokens_harmful"] = sum(gens[i].summary.edited_tokens for i in harmful_idx)
-        metrics["edited_tokens_benign"] = sum(gens[i].summary.edited_tokens for i in benign_idx)
-        metrics["fired_benign"] = rate(
-            [gens[i].summary.prompt_fired or gens[i].summary.fired_steered > 0 for i in benign_idx]
-        )
-        metrics["mean_edit_norm_harmful"] = float(
-            np.mean(
-                [gens[i].summary.mean_edit_norm for i in harmful_idx if gens[i].summary.edited_tokens]
-                or [0.0]
-            )
-        )
-        metrics["mean_edit_cosine_harmful"] = float(
-            np.mean(
-                [gens[i].summary.mean_edit_cosine for i in harmful_idx if gens[i].summary.edited_tokens]
-                or [0.0]
-            )
-        )
-        report["conditions"][name] = metrics
+        kl = None
+        if name not in ("base", "system_prompt"):
+            kl = per_token_kl(lm, [prompt_ids[i] for i in benign_idx], [gens[i] for i in benign_idx])
+        metrics = {"seconds": round(seconds, 1), "mmlu_accuracy": mmlu.get(name)}
+        report["conditions"][name] = {**metrics, **condition_metrics(name, items, gens, verdicts, kl)}
         report["samples"][name] = [
             {
                 "set": it.set,

@@ -98,6 +98,11 @@ def steer_train(
         "--n-gate-corpus-wrapped",
         help="The corpus's own wrapped rows for the gate (jailbreak collections the bench holds out excluded).",
     ),
+    n_gate_noise: int = typer.Option(
+        150,
+        "--n-gate-noise",
+        help="Harmful and benign prompts with a random GCG-shaped suffix (each) for the gate.",
+    ),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
     families: str = typer.Option(
         "handwritten,rewrite", "--families", help="Attack families seen in training."
@@ -135,6 +140,7 @@ def steer_train(
         n_gate=n_gate,
         n_gate_wrapped=n_gate_wrapped,
         n_gate_corpus_wrapped=n_gate_corpus_wrapped,
+        n_gate_noise=n_gate_noise,
         first_n=first_n,
         steer_first_n=steer_first_n,
         max_new_tokens=max_new_tokens,
