@@ -20,6 +20,7 @@ request needs a GPU. The budget used is recorded in every row.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import random
@@ -81,7 +82,7 @@ def main() -> None:
         "use_prefix_cache": False,
         "verbosity": "WARNING",
     }
-    meta = {"nanogcg": nanogcg.__version__ if hasattr(nanogcg, "__version__") else "0.3.0", "config": settings,
+    meta = {"nanogcg": importlib.metadata.version("nanogcg"), "config": settings,
             "target": args.target, "attacked_model": "default (base, no defence)", **provenance()}
     rows: list[dict] = []
     for i, request in enumerate(train_requests(args.n_requests, args.max_chars, args.seed)):

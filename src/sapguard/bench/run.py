@@ -13,6 +13,7 @@ records the commit, the command and a checksum of its prompts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -335,8 +336,6 @@ def run_bench(
     Returns:
         ``{"config", "judges", "conditions": {name: metrics}, "samples": {name: [...]}}``.
     """
-    import hashlib
-
     items = bench_items(corpus, cfg)
     template = resolve_template(lm.tokenizer, poly.meta.get("template") or "auto")
     questions = list(questions or local_questions())[: cfg.n_mmlu or None]

