@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (pinned so pip never pulls a multi-GB CUDA build on CPU machines).
 TORCH ?= torch==2.13.0
 
-.PHONY: install fetch demo test test-fast lint bench clean vllm-env test-vllm bench-vllm gcg
+.PHONY: install fetch demo test test-fast lint bench clean vllm-env test-vllm bench-vllm gcg gcg-adaptive
 
 $(BIN)/sap: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ GCG_ARGS ?= --n-requests 8 --steps 20 --search-width 64
 gcg: fetch
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(NANOGCG)'
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gcg_suffixes.py $(GCG_ARGS)
+
+# The adaptive attack: suffixes optimised against the shipped SafeFlow artifact (evade its gate).
+GCG_ADAPTIVE_ARGS ?= --against src/sapguard/assets/steering --n-requests 4 --steps 25 --search-width 64
+gcg-adaptive: fetch
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(NANOGCG)'
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/gcg_suffixes.py $(GCG_ADAPTIVE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
