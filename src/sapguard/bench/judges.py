@@ -43,7 +43,7 @@ class DegenerationJudge:
         min_chars: Shorter responses are degenerate.
     """
 
-    max_repetition: float = 0.5
+    max_repetition: float = 0.35
     max_perplexity: float = 200.0
     min_chars: int = 2
     name: str = "degeneration(repetition+ppl)"
