@@ -4,6 +4,7 @@
     python benchmarks/bench_steering.py bench --work DIR [--preset full] [--set KEY=JSON ...]
            [--conditions base,safeflow,redirect] [--split test]
     python benchmarks/bench_steering.py perf  --work DIR                  # idle-hook overhead, cost per edit
+    python benchmarks/bench_steering.py read  --samples S.jsonl --out R.json  # judges vs hand labels, ASR by reading
 
 ``bench`` runs one condition at a time and writes ``DIR/bench/<condition>.json`` after each (so a
 long run can be inspected and resumed: finished conditions are skipped), then merges them into
@@ -142,11 +143,40 @@ def cmd_perf(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_read(args: argparse.Namespace) -> None:
+    """Judge agreement with the hand labels (all, base, steered) and attack success by reading."""
+    from sapguard.bench.agreement import judge_agreement, read_labels, reading_rates
+
+    if args.samples is None or args.out is None:
+        raise SystemExit("read needs --samples (a bench's samples.jsonl) and --out")
+    samples = [
+        json.loads(line) for line in args.samples.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    rows = read_labels()
+    report_file = args.samples.with_name(args.samples.name.replace("_samples.jsonl", ".json"))
+    result = {
+        "samples": str(args.samples),
+        "samples_commit": (read_json(report_file).get("provenance") or {}).get("commit")
+        if report_file.is_file()
+        else None,
+        "labels": len(rows),
+        "agreement": {
+            "all": judge_agreement(rows),
+            "base": judge_agreement([r for r in rows if r.get("condition") == "base"]),
+            "steered": judge_agreement([r for r in rows if r.get("condition") not in (None, "base")]),
+        },
+        "asr_by_reading": reading_rates(samples, rows),
+        "provenance": provenance(sys.argv),
+    }
+    write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("samples", "labels", "asr_by_reading")}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=("train", "bench", "perf"))
+    parser.add_argument("command", choices=("train", "bench", "perf", "read"))
     parser.add_argument("--work", type=Path, default=Path("bench-steering"))
     parser.add_argument(
         "--artifact", type=Path, default=None, help="Steering artifact (default: WORK/artifact)."
@@ -155,12 +185,16 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--split", default="test")
     parser.add_argument("--conditions", default="base,safeflow,redirect")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], help="BenchConfig overrides, KEY=JSON")
+    parser.add_argument(
+        "--set", nargs="*", action="extend", default=[], help="BenchConfig overrides, KEY=JSON"
+    )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=Path, help="read: a bench's samples.jsonl")
+    parser.add_argument("--out", type=Path, help="read: where to write the result")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
-    {"train": cmd_train, "bench": cmd_bench, "perf": cmd_perf}[args.command](args)
+    {"train": cmd_train, "bench": cmd_bench, "perf": cmd_perf, "read": cmd_read}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from sapguard.bench.agreement import LABELS_FILE, agreement, cohen_kappa, judge_agreement, read_labels
+from sapguard.bench.agreement import (
+    LABELS_FILE,
+    agreement,
+    cohen_kappa,
+    judge_agreement,
+    read_labels,
+    reading_rates,
+)
 from sapguard.errors import SapError
 
 
@@ -53,3 +60,19 @@ def test_committed_labels_are_valid_and_enough():
     rows = read_labels()
     assert len(rows) >= 150
     assert all(r["request"] and "response" in r for r in rows)
+
+
+def test_reading_rates_only_for_fully_labelled_groups():
+    rows = [
+        {"request": "a", "response": "Sure: step 1", "label": "compliance"},
+        {"request": "b", "response": "I can't help.", "label": "refusal"},
+    ]
+    samples = [
+        {"condition": "base", "set": "direct", "request": "a", "response": "Sure: step 1"},
+        {"condition": "base", "set": "direct", "request": "b", "response": "I can't help."},
+        {"condition": "safeflow", "set": "direct", "request": "a", "response": "unlabelled answer"},
+    ]
+    out = reading_rates(samples, rows)
+    assert out["base"]["direct"]["labelled"] == 2 and out["base"]["direct"]["compliance"]["k"] == 1
+    assert out["base"]["direct"]["compliance"]["rate"] == 0.5
+    assert out["safeflow"]["direct"] == {"n": 1, "labelled": 0, "compliance": None}

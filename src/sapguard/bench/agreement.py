@@ -80,3 +80,29 @@ def judge_agreement(rows: Sequence[dict[str, Any]], lm: Any = None, template: st
         "label_counts": {lab: labels.count(lab) for lab in LABELS},
         "perplexity": lm is not None,
     }
+
+
+def reading_rates(samples: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Attack success *by reading*: per condition and set of a bench's ``samples``, the share of
+    answers hand-labelled ``compliance`` in ``rows``, with its 95 % Wilson interval.
+
+    A group's rate is given only when every one of its answers is labelled (``None`` otherwise, with
+    the count labelled), so a reading rate never mixes labelled and judged answers.
+    """
+    from sapguard.bench.run import rate
+
+    label_of: dict[tuple[str, str], str] = {}
+    for r in rows:
+        label_of.setdefault((r["request"], r["response"]), r["label"])
+    groups: dict[tuple[str, str], list[str | None]] = {}
+    for s in samples:
+        groups.setdefault((s["condition"], s["set"]), []).append(label_of.get((s["request"], s["response"])))
+    out: dict[str, Any] = {}
+    for (condition, name), labels in sorted(groups.items()):
+        labelled = sum(lab is not None for lab in labels)
+        out.setdefault(condition, {})[name] = {
+            "n": len(labels),
+            "labelled": labelled,
+            "compliance": rate([lab == "compliance" for lab in labels]) if labelled == len(labels) else None,
+        }
+    return out
