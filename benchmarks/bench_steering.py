@@ -156,7 +156,7 @@ def cmd_read(args: argparse.Namespace) -> None:
     report_file = args.samples.with_name(args.samples.name.replace("_samples.jsonl", ".json"))
     result = {
         "samples": str(args.samples),
-        "samples_commit": (read_json(report_file).get("provenance") or {}).get("commit")
+        "samples_commit": (read_json(report_file, "bench report").get("provenance") or {}).get("commit")
         if report_file.is_file()
         else None,
         "labels": len(rows),
