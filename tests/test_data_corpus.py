@@ -286,15 +286,28 @@ def test_source_missing_from_the_licence_table_is_refused() -> None:
         check_sources([Record("a", source="my/unknown")])
 
 
-def test_shipped_nanogcg_suffixes_were_optimised_on_train_requests(corpus: list[Record]) -> None:
+@pytest.mark.parametrize("source", ["nanogcg", "nanogcg_adaptive"])
+def test_shipped_nanogcg_suffixes_were_optimised_on_train_requests(corpus: list[Record], source: str) -> None:
     import json
 
-    from sapguard.data.attacks import NANOGCG_ASSET, nanogcg_attacks
+    from sapguard.data.attacks import NANOGCG_ASSETS, nanogcg_attacks
 
-    path = Path(__file__).resolve().parent.parent / "src" / "sapguard" / "assets" / "attacks" / NANOGCG_ASSET
+    path = (
+        Path(__file__).resolve().parent.parent
+        / "src"
+        / "sapguard"
+        / "assets"
+        / "attacks"
+        / NANOGCG_ASSETS[source]
+    )
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     train_unsafe = {r.prompt for r in corpus if r.split == "train" and not r.is_safe}
     test_prompts = {r.prompt for r in corpus if r.split == "test"}
-    assert rows and len(nanogcg_attacks()) == len(rows)
+    assert rows and len(nanogcg_attacks(source)) == len(rows)
     assert all(r["request"] in train_unsafe and r["request"] not in test_prompts for r in rows)
     assert all(r["commit"] and r["command"] and r["config"]["num_steps"] > 0 for r in rows)
+    if source == "nanogcg_adaptive":  # optimised against the shipped gate (retrain it: regenerate them)
+        shipped = json.loads((path.parent.parent / "steering" / "config.json").read_text(encoding="utf-8"))
+        assert all(r["gate_sha256"] == shipped["weights_sha256"] and "defended_reply" in r for r in rows)
+    with pytest.raises(SapError, match="unknown nanogcg suffix set"):
+        nanogcg_attacks("nope")
