@@ -21,8 +21,10 @@ fetch: install
 demo: install
 	$(BIN)/sap demo --out runs/demo
 
+# nanogcg (pure Python, installed without its transformers<=4.47.1 pin) for the adaptive-attack test.
 test: install
 	$(MAKE) lint
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps '$(NANOGCG)'
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 
