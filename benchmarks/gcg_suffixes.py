@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from sapguard.bench.run import provenance
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.io import atomic_write
+from sapguard.models.chat import encode_prompt, resolve_template
 from sapguard.models.loading import LoadedModel, load_model
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.steer.artifact import load_steering
@@ -122,16 +123,12 @@ def gate_evasion_gcg(nanogcg: Any) -> type:
 
 
 def defended_check(lm: LoadedModel, gate: SafetyPolytope, threshold: float, prompt: str) -> dict[str, Any]:
-    """The gate's margin at the last prompt position, its decision, and SafeFlow's greedy reply to ``prompt``."""
-    ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
+    """The gate's margin at the last prompt position (the state the hook reads), its decision, and
+    SafeFlow's greedy reply to ``prompt``."""
+    ids = torch.tensor([encode_prompt(lm.tokenizer, prompt, resolve_template(lm.tokenizer, "auto"))])
     with torch.inference_mode():
-        hidden = lm.model(**ids, output_hidden_states=True).hidden_states[int(gate.meta["layer"])]
-        margin = float(gate.margins(hidden[0, -1].float()[None]).max())
+        hidden = lm.model(ids, output_hidden_states=True).hidden_states[int(gate.meta["layer"])]
+        margin = float(gate.margins(hidden[0, -1:].float()).max())
     reply = generate(lm, [prompt], gate, "safeflow", max_new_tokens=24)[0].response
     return {"gate_margin": round(margin, 4), "gate_fired": margin > threshold, "defended_reply": reply}
 
@@ -221,13 +218,8 @@ def main() -> None:
             # "{prompt} {suffix}": the bench's Attack.wrap, so the optimised and benched prompts match
             result = attack.run([{"role": "user", "content": request + " {optim_str}"}], args.target)
         # does the attacked (base) model now open with the target under greedy decoding?
-        chat = [{"role": "user", "content": f"{request} {result.best_string}"}]
-        ids = lm.tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.inference_mode():
-            out = lm.model.generate(**ids, max_new_tokens=24, do_sample=False)
-        reply = lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompt = f"{request} {result.best_string}"
+        reply = generate(lm, [prompt], None, None, max_new_tokens=24)[0].response
         row = {
             "name": f"{'adaptive' if gate is not None else 'nanogcg'}:{i}",
             "suffix": result.best_string,
@@ -239,7 +231,7 @@ def main() -> None:
             **meta,
         }
         if gate is not None:
-            row |= defended_check(lm, gate, threshold, f"{request} {result.best_string}")
+            row |= defended_check(lm, gate, threshold, prompt)
         rows.append(row)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_path) as f:

