@@ -25,7 +25,6 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sapguard.bench.run import provenance
-from sapguard.data.records import Record, read_jsonl
-from sapguard.evaluate import Scorer, leave_one_out, polytope_trainer
+from sapguard.data.records import read_jsonl
+from sapguard.evaluate import Scorer, leave_one_out, max_view_trainer, polytope_trainer
 from sapguard.features.extract import encode_records, length_sorted_batches
 from sapguard.features.hooks import left_pad
+from sapguard.features.views import tail_records
 from sapguard.io import write_json
 from sapguard.models.chat import resolve_template
 from sapguard.models.layers import block_for_layer, unwrap_hidden
@@ -49,22 +49,6 @@ HERE = Path(__file__).resolve().parent
 
 class _Stop(Exception):
     pass
-
-
-def tail_text(prompt: str, words: int) -> str:
-    """The prompt's last non-empty line, clipped to its last ``words`` words."""
-    lines = [line.strip() for line in prompt.strip().splitlines() if line.strip()]
-    return " ".join(lines[-1].split()[-words:]) if lines else prompt
-
-
-def tail_records(records: list[Record], words: int) -> dict[int, Record]:
-    """``{row: tail view}`` for the rows whose tail view differs from the prompt they were read as."""
-    out = {}
-    for i, r in enumerate(records):
-        tail = tail_text(r.prompt, words)
-        if tail != r.prompt.strip() or r.history:
-            out[i] = replace(r, prompt=tail, history=())
-    return out
 
 
 @torch.inference_mode()
@@ -104,19 +88,27 @@ def extract(sweep: Path, out: Path, layer: int, words: int, max_length: int) -> 
     print(f"{len(rows)} tail views of {len(records)} rows, {tokens} tokens, {meta['seconds']:.0f}s")
 
 
-def max_view_trainer(cfg: TrainConfig, dim: int, train_on_tails: bool):
-    """Fit on the first ``dim`` columns (the last-token state; with ``train_on_tails`` also on the tail
-    views, stacked as extra rows with their request's label); score the larger margin of the two views."""
+def tails_too_trainer(cfg: TrainConfig, dim: int):
+    """As :func:`max_view_trainer`, the polytope also fitted on the train rows' tail views (extra rows,
+    labelled by their request)."""
     base = polytope_trainer(cfg)
 
     def fit(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va: np.ndarray) -> Scorer:
-        last_tr, last_va = x_tr[:, :dim], x_va[:, :dim]
-        if train_on_tails:
-            keep = x_tr[:, -1] > 0
-            last_tr = torch.cat([last_tr, x_tr[keep, dim:2 * dim]])
-            y_tr = np.concatenate([y_tr, y_tr[keep.numpy()]])
-        score = base(last_tr, y_tr, last_va, y_va)
-        return lambda z: np.maximum(score(z[:, :dim]), score(z[:, dim:2 * dim]))
+        keep = x_tr[:, -1] > 0
+        rows = torch.cat([x_tr[:, :dim], x_tr[keep, dim : 2 * dim]])
+        score = base(rows, np.concatenate([y_tr, y_tr[keep.numpy()]]), x_va[:, :dim], y_va)
+        return lambda z: np.maximum(score(z[:, :dim]), score(z[:, dim : 2 * dim]))
+
+    return fit
+
+
+def last_only_trainer(cfg: TrainConfig, dim: int):
+    """The shipped recipe: fit and score the last-token state (the first ``dim`` columns) alone."""
+    base = polytope_trainer(cfg)
+
+    def fit(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va: np.ndarray) -> Scorer:
+        score = base(x_tr[:, :dim], y_tr, x_va[:, :dim], y_va)
+        return lambda z: score(z[:, :dim])
 
     return fit
 
@@ -134,9 +126,9 @@ def select(sweep: Path, out: Path, layer: int) -> None:
     results = {"provenance": provenance(sys.argv), "layer": layer, "tail": json.loads((out / "meta.json").read_text()),
                "candidates": {}}
     candidates = {
-        "last token": lambda xt, yt, xv, yv: polytope_trainer(cfg)(xt[:, :dim], yt, xv[:, :dim], yv),
-        "max(last, tail), same polytope": max_view_trainer(cfg, dim, train_on_tails=False),
-        "max(last, tail), trained on tails too": max_view_trainer(cfg, dim, train_on_tails=True),
+        "last token": last_only_trainer(cfg, dim),
+        "max(last, tail), same polytope": max_view_trainer(cfg, dim),
+        "max(last, tail), trained on tails too": tails_too_trainer(cfg, dim),
     }
     for name, fit in candidates.items():
         start = time.perf_counter()

@@ -11,9 +11,16 @@ validation folds, then:
 3. saves the artifact to ``src/sapguard/assets/detector`` and the numbers, with the commit and
    command, to ``benchmarks/results_detection.json``.
 
+With ``--tail DIR`` (the tail views of ``benchmarks/tail_view.py extract``), the detector also reads
+each prompt's last line on its own (``views = ["prompt", "tail"]``): the same polytope, its threshold
+and risk calibrated on validation with the larger score of the two views, and every table above
+scored that way (leave-one-out folds retrained with :func:`sapguard.evaluate.max_view_trainer`); the
+in-distribution table adds the prompt view alone.
+
     python benchmarks/sweep_detection.py extract --out runs/sweep --layers 10,14,18,22 --max-length 512
     python benchmarks/sweep_detection.py select --out runs/sweep
-    python benchmarks/train_default_detector.py --sweep runs/sweep --pooling mean --layer 18
+    python benchmarks/tail_view.py extract --sweep runs/sweep --out runs/tail
+    python benchmarks/train_default_detector.py --sweep runs/sweep --pooling last --layer 22 --tail runs/tail
 """
 
 from __future__ import annotations
@@ -26,18 +33,28 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.data.records import read_jsonl
-from sapguard.evaluate import evaluate, generalisation_report
+from sapguard.evaluate import (
+    binary_metrics,
+    evaluate,
+    generalisation_report,
+    leave_one_out,
+    max_view_trainer,
+    operating_points,
+)
 from sapguard.features.extract import data_checksum
 from sapguard.features.store import FeatureSet
+from sapguard.features.views import tail_records
 from sapguard.models.loading import load_model
 from sapguard.pipeline import train_from_features
 from sapguard.polytope.artifact import DEFAULT_DETECTOR
-from sapguard.polytope.train import TrainConfig, auroc, raw_scores, train_polytope
+from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.train import TrainConfig, auroc, calibrate_scores, raw_scores, train_polytope
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -69,12 +86,44 @@ def feature_set(sweep: Path, pooling: str, layer: int) -> FeatureSet:
     return FeatureSet(x, torch.arange(n), torch.zeros(n, dtype=torch.long), records, manifest)
 
 
+def tail_features(tail_dir: Path, fs: FeatureSet) -> tuple[torch.Tensor, int]:
+    """The tail view's features of every row (a row without one repeats its prompt view), checked
+    against the rows' texts, and the tail's word count."""
+    meta = json.loads((tail_dir / "meta.json").read_text())
+    if meta["layer"] != fs.manifest["layer"]:
+        raise SystemExit(f"{tail_dir}: tail views read at layer {meta['layer']}, the detector reads {fs.manifest['layer']}")
+    data = load_file(str(tail_dir / "tail.safetensors"))
+    expected = sorted(tail_records(fs.records, meta["words"]))
+    if data["has_tail"].nonzero().flatten().tolist() != expected:
+        raise SystemExit(f"{tail_dir}: its tail views are not those of these records; rerun tail_view.py extract")
+    return torch.where(data["has_tail"][:, None], data["tail"].float(), fs.features.float()), int(meta["words"])
+
+
+def view_scores(poly: SafetyPolytope, x: torch.Tensor, x_tail: torch.Tensor) -> np.ndarray:
+    return np.maximum(raw_scores(poly, x), raw_scores(poly, x_tail))
+
+
+def tail_report(poly: SafetyPolytope, fs: FeatureSet, x_tail: torch.Tensor, cfg: TrainConfig, in_dist: dict) -> dict:  # type: ignore[type-arg]
+    """The generalisation tables and in-distribution metrics with both views read (test split reported once)."""
+    x, y, split = fs.features.float(), fs.labels, np.array([r.split for r in fs.records])
+    va, te = split == "validation", split == "test"
+    loo = leave_one_out(torch.cat([x, x_tail], dim=1), y, fs.records, fit=max_view_trainer(cfg, x.shape[1]),
+                        report="test", show_progress=True)
+    s_va, s_te = view_scores(poly, x[va], x_tail[va]), view_scores(poly, x[te], x_tail[te])
+    records_te = [r for r, t in zip(fs.records, te) if t]
+    ops = operating_points(s_va, y[va], s_te, y[te], records_te)
+    detectors = {"polytope (prompt + tail views)": binary_metrics(y[te], s_te, float(poly.offset))}
+    detectors.update({("polytope (prompt view only)" if k == "polytope" else k): v for k, v in in_dist["detectors"].items()})
+    return {"leave_one_out": loo, "operating_points_test": ops, "in_distribution_test": {**in_dist, "detectors": detectors}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--pooling", choices=tuple(POLICY), required=True)
     parser.add_argument("--layer", type=int, required=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_DETECTOR)
+    parser.add_argument("--tail", type=Path, help="tail views of tail_view.py extract: the detector reads them too")
     parser.add_argument("--config", default="", help="TrainConfig overrides as chosen by the sweep, e.g. 'loss=logistic,num_facets=4'")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -85,9 +134,20 @@ def main() -> None:
     poly.meta["training_data"]["features_dir"] = None
     poly.meta["max_length"] = fs.manifest["max_length"]
     poly.meta["trained_by"] = " ".join(["python", *sys.argv])
+    x_tail = None
+    if args.tail:
+        x_tail, words = tail_features(args.tail, fs)
+        x_va, y_va, _ = fs.subset("validation")
+        prompt_only = float(poly.offset)
+        in_dist = evaluate(poly, fs, split="test")  # prompt view only, at its own calibration
+        va = np.array([r.split == "validation" for r in fs.records])
+        calibrate_scores(poly, view_scores(poly, x_va.float(), x_tail[va]), y_va, cfg.target_fpr)
+        poly.meta.update({"views": ["prompt", "tail"], "tail_words": words})
+        print(f"threshold with the tail view: {prompt_only:.3f} -> {float(poly.offset):.3f}")
+    else:
+        in_dist = evaluate(poly, fs, split="test")
     poly.save_pretrained(args.out)
     print(f"saved {args.out}")
-    in_dist = evaluate(poly, fs, split="test")
     # The published settings (F 16384, lambda 1, lr 1e-2, 1 epoch; kappa 30 and 5 as for Qwen2 and
     # Ministral), on the same features, for the README's comparison (validation only).
     x_tr, y_tr, _ = fs.subset("train")
@@ -96,13 +156,18 @@ def main() -> None:
     for margin in (30.0, 5.0):
         p = train_polytope(x_tr, y_tr, x_va, y_va, TrainConfig.paper(margin=margin)).polytope
         paper[f"kappa_{margin:g}"] = auroc(y_va, raw_scores(p, x_va))
-    general = generalisation_report(poly, fs, cfg, show_progress=True)
+    if x_tail is not None:
+        general = tail_report(poly, fs, x_tail, cfg, in_dist)
+        in_dist = general.pop("in_distribution_test")
+    else:
+        general = generalisation_report(poly, fs, cfg, show_progress=True)
     result = {
         "commit": commit(),
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "representation": {"pooling": args.pooling, "layer": args.layer, "max_length": fs.manifest["max_length"]},
+        "representation": {"pooling": args.pooling, "layer": args.layer, "max_length": fs.manifest["max_length"],
+                           "views": poly.meta.get("views", ["prompt"])},
         "train_config": cfg.to_dict(),
         "in_distribution_test": in_dist,
         "paper_preset_validation_auroc": paper,

@@ -21,6 +21,7 @@ from sapguard.data.records import History, Record
 from sapguard.errors import SapError
 from sapguard.features.extract import extract_features
 from sapguard.features.policies import POLICIES
+from sapguard.features.views import polytope_views, tail_view
 from sapguard.models.chat import encode_pair, encode_prompt, resolve_template
 from sapguard.models.loading import LoadedModel, load_model
 from sapguard.polytope.artifact import check_compatible
@@ -164,6 +165,9 @@ class Verdict:
             before its last user message (0 for a single prompt).
         dropped_turns: For a conversation longer than the window, how many of its oldest earlier
             exchanges were left out (:func:`fit_conversation`); 0 when it was read whole.
+        tail_read: Whether the prompt's tail view (its last line, read alone; see
+            :mod:`sapguard.features.views`) was read as well; every margin is then the maximum of the
+            two views. Only for polytopes whose config lists the ``tail`` view.
     """
 
     text: str
@@ -175,6 +179,7 @@ class Verdict:
     windows: int = 1
     earlier_turns: int = 0
     dropped_turns: int = 0
+    tail_read: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -309,6 +314,11 @@ def scan(
     it fits and its last user message is read whole (:func:`fit_conversation`); the verdict's
     ``earlier_turns`` and ``dropped_turns`` say what was read.
 
+    A polytope whose config lists the ``tail`` view (the default detector does) also reads each
+    prompt's last line on its own (:func:`sapguard.features.views.tail_view`) and keeps the larger
+    margin of the two views, so that a request at the end of a jailbreak template, a document or a
+    conversation is read as itself; the verdict's ``tail_read`` says so.
+
     Args:
         poly: A trained polytope (e.g. ``SafetyPolytope.from_pretrained(dir)`` or :func:`default_polytope`).
         texts: One prompt, one conversation (a list of messages), or a list of prompts and conversations.
@@ -350,9 +360,10 @@ def scan(
     check_compatible(poly, lm.identity())
     window = window or int(poly.meta.get("max_length") or DEFAULT_WINDOW)
     template = resolve_template(lm.tokenizer, str(poly.meta.get("template", "auto")))
+    views, tail_words = polytope_views(poly.meta)
     pieces: list[Conversation] = []
     owner: list[int] = []
-    earlier, dropped = [], []
+    earlier, dropped, n_windows, tails = [], [], [], []
     for i, conv in enumerate(conversations):
         conv, n_dropped = fit_conversation(lm, conv, template, window)
         earlier.append(len(conv.history))
@@ -361,6 +372,11 @@ def scan(
             parts = [conv]
         else:
             parts = [Conversation(part) for part in split_windows(lm, conv.prompt, window)]
+        n_windows.append(len(parts))
+        tail = tail_view(conv.prompt, tail_words, has_history=bool(conv.history)) if "tail" in views and not conv.response else None
+        if tail is not None:
+            parts.append(Conversation(tail))
+        tails.append(tail is not None)
         pieces += parts
         owner += [i] * len(parts)
     piece_margins = margins_for(
@@ -372,15 +388,15 @@ def scan(
     owners = torch.tensor(owner)
     margins = torch.full((len(items), poly.num_facets), float("-inf"))
     margins.scatter_reduce_(0, owners[:, None].expand_as(piece_margins), piece_margins, reduce="amax")
-    counts = torch.bincount(owners, minlength=len(items)).tolist()
     return [
-        verdict_from_margins(poly, conv.prompt, row, windows=n, earlier_turns=e, dropped_turns=d)
-        for conv, row, n, e, d in zip(conversations, margins.tolist(), counts, earlier, dropped)
+        verdict_from_margins(poly, conv.prompt, row, windows=n, earlier_turns=e, dropped_turns=d, tail_read=t)
+        for conv, row, n, e, d, t in zip(conversations, margins.tolist(), n_windows, earlier, dropped, tails)
     ]
 
 
 def verdict_from_margins(
-    poly: SafetyPolytope, text: str, margins: Sequence[float], windows: int = 1, earlier_turns: int = 0, dropped_turns: int = 0
+    poly: SafetyPolytope, text: str, margins: Sequence[float], windows: int = 1, earlier_turns: int = 0, dropped_turns: int = 0,
+    tail_read: bool = False,
 ) -> Verdict:
     """The :class:`Verdict` for one text from its row of facet margins (risk from the calibration)."""
     names = poly.facet_names
@@ -398,4 +414,5 @@ def verdict_from_margins(
         windows=windows,
         earlier_turns=earlier_turns,
         dropped_turns=dropped_turns,
+        tail_read=tail_read,
     )

@@ -116,6 +116,23 @@ def polytope_trainer(cfg: Any = None) -> Trainer:
     return fit
 
 
+def max_view_trainer(cfg: Any = None, dim: int | None = None) -> Trainer:
+    """A polytope fitted on the prompt view, scored by the larger of its two views' scores.
+
+    Rows are ``[prompt-view features | tail-view features]`` (``dim`` columns each; a row without a
+    tail view repeats its prompt view, see :mod:`sapguard.features.views`); fitting and early stopping
+    use the prompt view only, as the shipped detector is trained.
+    """
+    base = polytope_trainer(cfg)
+
+    def fit(x_tr: torch.Tensor, y_tr: np.ndarray, x_va: torch.Tensor, y_va: np.ndarray) -> Scorer:
+        d = dim if dim is not None else x_tr.shape[1] // 2
+        score = base(x_tr[:, :d], y_tr, x_va[:, :d], y_va)
+        return lambda z: np.maximum(score(z[:, :d]), score(z[:, d : 2 * d]))
+
+    return fit
+
+
 def leave_one_out(
     x: torch.Tensor,
     y: np.ndarray,

@@ -328,7 +328,12 @@ def train_polytope(
 
 
 def _calibrate(poly: SafetyPolytope, x_val: torch.Tensor, y_val: np.ndarray, target_fpr: float) -> None:
-    scores = raw_scores(poly, x_val)
+    calibrate_scores(poly, raw_scores(poly, x_val), y_val, target_fpr)
+
+
+def calibrate_scores(poly: SafetyPolytope, scores: np.ndarray, y_val: np.ndarray, target_fpr: float) -> None:
+    """Set the decision offset and the risk calibration from validation ``scores`` (``max_k v_k`` of each
+    row as the polytope will read it, e.g. the larger of two views) and their labels."""
     offset = calibrate_offset(scores[y_val == 0], target_fpr)
     poly.offset.fill_(offset)
     poly.meta["calibration"] = {
