@@ -141,8 +141,10 @@ def main() -> None:
         prompt_only = float(poly.offset)
         in_dist = evaluate(poly, fs, split="test")  # prompt view only, at its own calibration
         va = np.array([r.split == "validation" for r in fs.records])
-        calibrate_scores(poly, view_scores(poly, x_va.float(), x_tail[va]), y_va, cfg.target_fpr)
-        poly.meta.update({"views": ["prompt", "tail"], "tail_words": words})
+        s_va = view_scores(poly, x_va.float(), x_tail[va])
+        calibrate_scores(poly, s_va, y_va, cfg.target_fpr)
+        poly.meta.update({"views": ["prompt", "tail"], "tail_words": words,
+                          "validation_metrics": binary_metrics(y_va, s_va, float(poly.offset))})
         print(f"threshold with the tail view: {prompt_only:.3f} -> {float(poly.offset):.3f}")
     else:
         in_dist = evaluate(poly, fs, split="test")

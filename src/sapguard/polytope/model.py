@@ -287,7 +287,9 @@ def model_card(config: dict[str, Any]) -> str:
         "",
         f"A safety polytope (SaP) with {config['num_facets']} facets over layer {config.get('layer')} of "
         f"`{base.get('id', 'unknown')}` (hidden size {config['hidden_size']}), token policy "
-        f"`{config.get('policy')}`, template `{config.get('template')}`.",
+        f"`{config.get('policy')}`, template `{config.get('template')}`."
+        + (f" Views read: {', '.join(config['views'])} (the tail view is the prompt's last line, at most "
+           f"{config.get('tail_words', 64)} words, read alone; a text scores the larger margin)." if config.get("views") else ""),
         "",
         f"Encoder: {config['encoder']}. Decision offset {cal.get('offset', 0):.4g}, calibrated on validation data "
         f"for a false-positive rate of {cal.get('target_fpr', 'n/a')}.",
