@@ -190,6 +190,7 @@ def eval_(
     setup_logging(verbose)
     from sapguard.evaluate import evaluate, generalisation_report, metrics_table
     from sapguard.features.store import load_features
+    from sapguard.features.views import polytope_views
     from sapguard.io import write_json
     from sapguard.polytope.artifact import load_polytope
     from sapguard.polytope.train import train_config_of
@@ -200,6 +201,12 @@ def eval_(
     result = evaluate(poly, fs, split=split, baselines=("logistic_probe", "mlp_probe") if baselines else ())
     if generalisation:
         result["generalisation"] = generalisation_report(poly, fs, train_config_of(poly), show_progress=not json_out)
+    result["views_read"] = ["prompt"]
+    if "tail" in polytope_views(poly.meta)[0]:
+        result["note"] = ("this polytope also reads each prompt's tail view (its last line; sap detect does); a features "
+                          "directory holds the prompt view only, so these numbers are the prompt view's at the two-view "
+                          "threshold. benchmarks/train_default_detector.py --tail reports both views.")
+        typer.echo(f"note: {result['note']}", err=True)
     if out:
         write_json(out, result)
     if json_out:

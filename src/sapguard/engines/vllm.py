@@ -63,6 +63,7 @@ from sapguard.engines.flat import (
     load_guard_polytope,
 )
 from sapguard.errors import ArtifactMismatchError, SapError
+from sapguard.features.views import polytope_views, tail_view
 from sapguard.models.layers import block_for_layer
 from sapguard.polytope.model import SafetyPolytope
 
@@ -490,12 +491,28 @@ class VLLMGuard:
         return results
 
     def scan(self, texts: Sequence[str], *, template: str | None = None) -> list[Verdict]:
-        """Detection only: one prefill per text (one generated token, discarded), verdicts in order."""
-        outs = self.generate(texts, mode="detect", template=template, max_tokens=1)
+        """Detection only: one prefill per text (one generated token, discarded), verdicts in order.
+
+        A polytope that reads the tail view (:mod:`sapguard.features.views`) gets one more prefill
+        per text that has one, and each margin is the larger of the two, as in :func:`sapguard.detect.scan`.
+        """
+        views, words = polytope_views(self.poly.meta)
+        tails = [tail_view(t, words) if "tail" in views else None for t in texts]
+        extra = [t for t in tails if t is not None]
+        outs = self.generate([*texts, *extra], mode="detect", template=template, max_tokens=1)
         missing = [o.prompt for o in outs if o.verdict is None]
         if missing:
             raise SapError(f"no verdict for {len(missing)} text(s); was the hook detached?")
-        return [o.verdict for o in outs if o.verdict is not None]
+        verdicts = [o.verdict for o in outs if o.verdict is not None]
+        tail_verdicts = iter(verdicts[len(texts) :])
+        out = []
+        for verdict, tail in zip(verdicts[: len(texts)], tails):
+            if tail is not None:
+                other = next(tail_verdicts)
+                margins = [max(verdict.margins[n], other.margins[n]) for n in self.poly.facet_names]
+                verdict = verdict_from_margins(self.poly, verdict.text, margins, tail_read=True)
+            out.append(verdict)
+        return out
 
     def features(
         self, prompts: Sequence[str], *, positions: str = "last_prompt", template: str | None = None
