@@ -121,6 +121,9 @@ def steer_train(
     redirect_alpha: float = typer.Option(
         2.0, "--redirect-alpha", help="Redirect's scale of the stored direction (default)."
     ),
+    gate_views: str = typer.Option(
+        "prompt,tail", "--gate-views", help="What the gate reads: prompt, or prompt,tail (also the prompt's last line alone)."
+    ),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -149,6 +152,7 @@ def steer_train(
         safeflow_margin=margin,
         safeflow_basis=None if basis.lower() == "none" else basis,
         redirect_alpha=redirect_alpha,
+        gate_views=tuple(v.strip() for v in gate_views.split(",") if v.strip()),
     )
     gate = train_steering(lm, build_default_corpus(), layer, cfg, show_progress=not json_out)
     save_steering(gate, out)

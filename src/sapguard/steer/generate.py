@@ -16,12 +16,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from sapguard.data.records import Record
 from sapguard.errors import SapError
+from sapguard.features.extract import extract_features
 from sapguard.features.hooks import left_pad
+from sapguard.features.views import polytope_views, tail_view
 from sapguard.models.chat import encode_prompt, resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.artifact import check_compatible
-from sapguard.polytope.model import SafetyPolytope
+from sapguard.polytope.model import SafetyPolytope, read_in_batches
 from sapguard.steer.hook import SteeringHook, hook_settings
 from sapguard.steer.modes import SteeringMode, make_mode
 from sapguard.steer.trace import TokenTrace, TraceSummary, row_trace
@@ -169,6 +172,11 @@ def generate(
             mode_obj,
             **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate),
         )
+    tail_fired = (
+        tail_gate_fires(lm, poly, prompts, template, hook.threshold)
+        if hook is not None and poly is not None and hook.gate == "prompt"
+        else None
+    )
     results: list[tuple[int, Generation]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     try:
@@ -191,6 +199,7 @@ def generate(
                         refusal_text,
                         return_logits,
                         poly,
+                        tail_fired[batch] if tail_fired is not None else None,
                     ),
                 )
             )
@@ -199,6 +208,27 @@ def generate(
             hook.remove()
     results.sort(key=lambda pair: pair[0])
     return [g for _, g in results]
+
+
+def tail_gate_fires(
+    lm: LoadedModel, poly: SafetyPolytope, prompts: list[str], template: str, threshold: float
+) -> torch.Tensor | None:
+    """``[len(prompts)]``: whether the gate fires on each prompt's tail view (its last line read alone),
+    for a polytope whose config lists the ``tail`` view; ``None`` otherwise or when no prompt has one."""
+    views, words = polytope_views(poly.meta)
+    if "tail" not in views:
+        return None
+    tails = {i: t for i, p in enumerate(prompts) if (t := tail_view(p, words)) is not None}
+    if not tails:
+        return None
+    x, index, _ = extract_features(
+        lm, [Record(prompt=t) for t in tails.values()], int(poly.meta["layer"]), policy="last_prompt", template=template
+    )
+    margins = read_in_batches(poly, x)
+    fired = torch.zeros(len(prompts), dtype=torch.bool)
+    rows = torch.tensor(list(tails))[index]
+    fired[rows] = margins.max(dim=1).values > threshold
+    return fired
 
 
 class _StopWhenFired(StoppingCriteria):
@@ -228,11 +258,13 @@ def _generate_batch(
     refusal_text: str,
     return_logits: bool,
     poly: SafetyPolytope | None,
+    forced: torch.Tensor | None = None,
 ) -> list[Generation]:
     inputs = left_pad(encoded, lm.tokenizer.pad_token_id, lm.device)
     inputs.pop("position_ids")
     if hook is not None:
         hook.reset()
+        hook.forced_rows = forced
     sampling: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
         sampling.update(temperature=temperature, top_p=top_p)

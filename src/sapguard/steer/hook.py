@@ -23,7 +23,9 @@ Gate scope: with ``gate="position"`` the polytope decides at every selected posi
 ``gate="prompt"`` it decides once per row at the last prompt position (generated index 0) and the
 row's selected positions are then handed to the mode, which edits only states outside its own
 target (SafeFlow with a behavioural target: the gate says *when*, the target says *where*). The
-trace's ``fired`` is then the row's decision at every position. A position is edited only when the polytope fires there (for gated modes): if nothing
+trace's ``fired`` is then the row's decision at every position. ``forced_rows`` (a ``[B]`` mask set
+after :meth:`SteeringHook.reset`) gates rows on as well: :func:`~sapguard.steer.generate.generate`
+sets it to the rows whose tail view the gate flags (:mod:`sapguard.features.views`). A position is edited only when the polytope fires there (for gated modes): if nothing
 fires in a call, the block's output object is returned untouched, so the model's outputs are
 bit-identical to the unsteered model's.
 """
@@ -133,6 +135,7 @@ class SteeringHook:
         self._input_ids: torch.Tensor | None = None
         self._prompt_ids: torch.Tensor | None = None
         self._row_active: torch.Tensor | None = None
+        self.forced_rows: torch.Tensor | None = None
         self._direction: torch.Tensor | None = None
         self._cache_start: int | None = None
         self._prompt_width = 0
@@ -162,6 +165,7 @@ class SteeringHook:
         self._prompt_ids = None
         self._row_active = None
         self.fired_rows = None
+        self.forced_rows = None
 
     def __enter__(self) -> SteeringHook:
         return self
@@ -248,6 +252,8 @@ class SteeringHook:
             if bool(decide.any()):
                 active = torch.zeros(batch, dtype=torch.bool, device=h.device)
                 active[rows[decide]] = fired[decide]
+                if self.forced_rows is not None:  # rows whose tail view fired (generate() reads it)
+                    active |= self.forced_rows.to(h.device)
                 self._row_active = active
             gate_ok = self._row_active[rows] if self._row_active is not None else torch.zeros_like(fired)
         else:

@@ -246,6 +246,7 @@ def train_gate(
     layer: int,
     *,
     train_config: Any = None,
+    views: Sequence[str] = ("prompt",),
     show_progress: bool = False,
 ) -> SafetyPolytope:
     """Train the gate on the last prompt position of labelled ``records`` (train/validation splits).
@@ -253,13 +254,17 @@ def train_gate(
     Args:
         train_config: Polytope settings (default: the detection defaults, ``TrainConfig()``, whose
             offset makes the gate fire on 5 % of the benign validation rows).
+        views: ``("prompt", "tail")`` also reads each prompt's last line alone
+            (:mod:`sapguard.features.views`): the offset is then calibrated on the larger score of the
+            two views, as the hook reads them.
 
     ``meta["gate_validation"]`` reports the gate's recall and benign fire rate on validation,
     plain and wrapped rows apart.
     """
     from sapguard.features.extract import extract_features
+    from sapguard.features.views import TAIL_WORDS, polytope_views, tail_records
     from sapguard.models.chat import resolve_template
-    from sapguard.polytope.train import TrainConfig, train_polytope
+    from sapguard.polytope.train import TrainConfig, calibrate_scores, raw_scores, train_polytope
 
     template = resolve_template(lm.tokenizer, "auto")
     parts = {}
@@ -295,8 +300,17 @@ def train_gate(
     )
     gate = result.polytope
     x_val, y_val, recs_val = parts["validation"]
-    with torch.no_grad():
-        fired = gate.score(torch.as_tensor(x_val, dtype=torch.float32)).numpy() > 0
+    scores = raw_scores(gate, torch.as_tensor(x_val, dtype=torch.float32))
+    if "tail" in polytope_views({"views": list(views)})[0]:
+        tails = tail_records(recs_val)
+        if tails:
+            rows = sorted(tails)
+            x_tail, idx, _ = extract_features(lm, [tails[i] for i in rows], layer, policy="last_prompt", template=template)
+            at = np.array(rows)[idx.numpy()]
+            scores[at] = np.maximum(scores[at], raw_scores(gate, x_tail))
+        calibrate_scores(gate, scores, y_val, (train_config or TrainConfig()).target_fpr)
+        gate.meta.update({"views": list(views), "tail_words": TAIL_WORDS})
+    fired = scores > float(gate.offset)
     wrapped = np.array([r.wrapper is not None or "+" in r.source for r in recs_val])
 
     def rate(mask: np.ndarray) -> float | None:
@@ -308,6 +322,7 @@ def train_gate(
         "fire_rate_benign_plain": rate((y_val == 0) & ~wrapped),
         "fire_rate_benign_wrapped": rate((y_val == 0) & wrapped),
         "rows": len(y_val),
+        "views": list(views),
     }
     logger.info("gate on validation: %s", gate.meta["gate_validation"])
     return gate
@@ -339,6 +354,7 @@ class SteeringTrainConfig:
         safeflow_basis: ``"refusal_direction"`` (edit along the stored direction only) or ``None``
             (unrestricted l1 edit), stored as the artifact's default.
         redirect_alpha: Redirect's scale of the stored direction, stored as the artifact's default.
+        gate_views: What the gate reads (:func:`train_gate`'s ``views``): the prompt, and its last line alone.
     """
 
     n_harmful: int = 45
@@ -357,6 +373,7 @@ class SteeringTrainConfig:
     safeflow_margin: float = 2.0
     safeflow_basis: str | None = "refusal_direction"
     redirect_alpha: float = 2.0
+    gate_views: tuple[str, ...] = ("prompt", "tail")
     seed: int = 0
 
 
@@ -462,7 +479,9 @@ def train_steering(
     cfg = cfg or SteeringTrainConfig()
     attacks = families_attacks(cfg.families)
     pools = request_pools(corpus, cfg)
-    gate = train_gate(lm, gate_records(corpus, cfg, pools, attacks), layer, show_progress=show_progress)
+    gate = train_gate(
+        lm, gate_records(corpus, cfg, pools, attacks), layer, views=cfg.gate_views, show_progress=show_progress
+    )
 
     harmful_t: list[Record] = []
     benign_t: list[Record] = []
