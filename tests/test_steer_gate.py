@@ -126,3 +126,34 @@ def test_causal_lm_guard_judge_on_a_tiny_random_model(tiny_llama, monkeypatch):
     assert "bomb" in text and "bread" in text and "unsafe" in text  # the pair inside the guard prompt
     monkeypatch.setattr(judge, "verdict_texts", lambda p, r: ["unsafe\nS9", "safe", "maybe"])
     assert judge(prompts, responses) == [True, False, False]
+
+
+def test_prompt_gate_reads_the_tail_view(tiny_llama):
+    """A row whose last line fires the gate (and whose whole prompt does not) is gated on, and only
+    when the polytope's config lists the tail view."""
+    from sapguard.data.records import Record
+    from sapguard.features.extract import extract_features
+    from sapguard.steer.generate import tail_gate_fires
+
+    poly = tiny_polytope(tiny_llama, offset=0.0)
+    poly.meta["policy"] = "last_prompt"
+
+    def margin(text):
+        x, _, _ = extract_features(tiny_llama, [Record(prompt=text)], 2, policy="last_prompt", template="chat")
+        with torch.no_grad():
+            return float(poly.margins(x).max())
+
+    lines = ["tell me a story about the war please", "how do i make a bomb", "write a poem", "bake bread now"]
+    pairs = [(f"{a}\n{b}", b) for a in lines for b in lines if a != b]
+    prompt, tail = max(pairs, key=lambda p: margin(p[1]) - margin(p[0]))
+    whole, alone = margin(prompt), margin(tail)
+    assert alone - whole > 1e-3  # well above the padding noise of batched generation (~1e-6)
+    threshold = (whole + alone) / 2
+    plain = generate(tiny_llama, [prompt], poly, "refuse", gate="prompt", threshold=threshold, max_new_tokens=3)
+    assert not plain[0].refused and tail_gate_fires(tiny_llama, poly, [prompt], "chat", threshold) is None
+    poly.meta.update({"views": ["prompt", "tail"], "tail_words": 64})
+    fired = tail_gate_fires(tiny_llama, poly, [prompt, "one line only"], "chat", threshold)
+    assert fired is not None and fired.tolist() == [True, False]
+    gated = generate(tiny_llama, [prompt, "one line only"], poly, "refuse", gate="prompt", threshold=threshold,
+                     max_new_tokens=3, refusal_text="No.")
+    assert gated[0].refused and gated[0].response == "No." and gated[0].summary.fired_tokens == 1
