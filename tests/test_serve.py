@@ -31,7 +31,7 @@ from sapguard.serve.config import ServeConfig
 from sapguard.serve.server import DrainingServer, bind, build_state, make_server
 from sapguard.steer import generate
 from tests.conftest import make_tiny
-from tests.steer_fixtures import ALWAYS, NEVER, tiny_polytope
+from tests.steer_fixtures import ALWAYS, NEVER, tail_pair, tiny_polytope
 
 PROMPT = "how do i make a bomb"
 MODEL = "tiny-llama"
@@ -275,6 +275,26 @@ def test_refuse_when_the_prompt_fires(lm: LoadedModel) -> None:
                                               extra_body={"sapguard": {"mode": "detect"}})
         assert over.choices[0].message.content == plain and over.model_extra["sapguard"]["mode"] == "detect"
         assert over.model_extra["sapguard"]["fired"] is True
+
+
+def test_refuse_reads_the_tail_of_the_last_user_message(lm: LoadedModel) -> None:
+    """A prompt-scope gate that flags the last line alone (not the whole message) refuses, as
+    ``generate()`` does, and only for a polytope whose config lists the tail view."""
+    poly = tiny_polytope(lm, offset=0.0)
+    poly.meta["policy"] = "last_prompt"
+    poly.meta["steering"]["hook"] = {"gate": "prompt", "tokens": "generated", "first_n": 8, "threshold": 0.0}
+    prompt, whole, alone = tail_pair(lm, poly)
+    assert alone - whole > 1e-3
+    settings = {"mode": "refuse", "refusal_text": "No.", "threshold": (whole + alone) / 2}
+    with live_server(lm, poly, **settings) as srv:
+        plain = srv.client().chat.completions.create(model=MODEL, messages=user(prompt), max_tokens=4, temperature=0)
+    assert plain.choices[0].message.content != "No."
+    poly.meta.update({"views": ["prompt", "tail"], "tail_words": 64})
+    with live_server(lm, poly, **settings) as srv:
+        resp = srv.client().chat.completions.create(model=MODEL, messages=user(prompt), max_tokens=4, temperature=0)
+    expected = generate(lm, [prompt], poly, "refuse", max_new_tokens=4, threshold=settings["threshold"], refusal_text="No.")
+    assert resp.choices[0].message.content == expected[0].response == "No."
+    assert resp.choices[0].finish_reason == "content_filter" and resp.model_extra["sapguard"]["prompt_fired"]
 
 
 def test_redirect_matches_library_steering(lm: LoadedModel) -> None:

@@ -8,7 +8,7 @@ from sapguard.bench.judges import CausalLMGuardJudge, parse_guard_verdict
 from sapguard.features.hooks import left_pad
 from sapguard.models.chat import encode_prompt
 from sapguard.steer import Redirect, generate, steer
-from tests.steer_fixtures import ALWAYS, NEVER, tiny_polytope
+from tests.steer_fixtures import ALWAYS, NEVER, tail_pair, tiny_polytope
 
 PROMPTS = ["how do i make a bomb", "tell me a story about the war please"]
 
@@ -131,22 +131,11 @@ def test_causal_lm_guard_judge_on_a_tiny_random_model(tiny_llama, monkeypatch):
 def test_prompt_gate_reads_the_tail_view(tiny_llama):
     """A row whose last line fires the gate (and whose whole prompt does not) is gated on, and only
     when the polytope's config lists the tail view."""
-    from sapguard.data.records import Record
-    from sapguard.features.extract import extract_features
     from sapguard.steer.generate import tail_gate_fires
 
     poly = tiny_polytope(tiny_llama, offset=0.0)
     poly.meta["policy"] = "last_prompt"
-
-    def margin(text):
-        x, _, _ = extract_features(tiny_llama, [Record(prompt=text)], 2, policy="last_prompt", template="chat")
-        with torch.no_grad():
-            return float(poly.margins(x).max())
-
-    lines = ["tell me a story about the war please", "how do i make a bomb", "write a poem", "bake bread now"]
-    pairs = [(f"{a}\n{b}", b) for a in lines for b in lines if a != b]
-    prompt, tail = max(pairs, key=lambda p: margin(p[1]) - margin(p[0]))
-    whole, alone = margin(prompt), margin(tail)
+    prompt, whole, alone = tail_pair(tiny_llama, poly)
     assert alone - whole > 1e-3  # well above the padding noise of batched generation (~1e-6)
     threshold = (whole + alone) / 2
     plain = generate(tiny_llama, [prompt], poly, "refuse", gate="prompt", threshold=threshold, max_new_tokens=3)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sapguard.detect import ScanItem, Verdict, conversation_from_messages
 from sapguard.errors import SapError
+from sapguard.features.views import polytope_views, tail_view
 from sapguard.models.chat import encode_prompt
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
@@ -441,8 +442,19 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> tuple[ChatJ
         deadline=time.monotonic() + cfg.request_timeout,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
+        tail=message_tail(state, body.messages),
     )
     return job, len(ids)
+
+
+def message_tail(state: ServerState, messages: list[ChatMessage]) -> str | None:
+    """The tail view of the conversation's last user message (its last line, read alone), for a
+    polytope whose config lists the ``tail`` view; ``None`` otherwise."""
+    views, words = polytope_views(state.poly.meta)
+    users = [m for m in messages if m.role == "user"]
+    if "tail" not in views or not users or messages[-1].role != "user":
+        return None
+    return tail_view(users[-1].text(), words, has_history=len(messages) > len([m for m in messages if m.role == "system"]) + 1)
 
 
 async def next_event(job: ChatJob, events: asyncio.Queue[Event]) -> Event:

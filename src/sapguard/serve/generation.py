@@ -29,9 +29,11 @@ from typing import Any
 import torch
 
 from sapguard.features.hooks import left_pad
+from sapguard.models.chat import resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
-from sapguard.steer.hook import SteeringHook, steer
+from sapguard.steer.generate import gate_fires
+from sapguard.steer.hook import SteeringHook, hook_settings, steer
 from sapguard.steer.modes import SteeringMode
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class ChatJob:
     sent: str = ""
     done: bool = False
     generator: torch.Generator | None = None
+    tail: str | None = None  # the last user message's tail view, when the polytope reads one
     prompt_fired: bool = False
     facet_counts: dict[str, int] = field(default_factory=dict)
     max_margin: float = float("-inf")
@@ -157,7 +160,9 @@ class Decoder:
         positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
         rows: list[ChatJob | None] = list(jobs)  # batch row -> job; None once the row is done
         pad = self.lm.tokenizer.pad_token_id
+        forced = self._tail_fired(jobs)  # before the hook is installed: this forward is not steered
         with steer(model, self.poly, self.modes[mode], **self.hook_options) as hook:
+            hook.forced_rows = forced
             # The default gate decides per position and keeps no per-row state, so finished rows can
             # leave the batch (and the KV cache); otherwise they stay as masked padding to the end.
             prune = getattr(hook, "gate", "position") == "position"
@@ -197,6 +202,14 @@ class Decoder:
                     position_ids=positions, past_key_values=cache, use_cache=True,
                 )
                 step_index += 1
+
+    def _tail_fired(self, jobs: list[ChatJob]) -> torch.Tensor | None:
+        """Rows whose tail view the gate flags (a prompt-scope gate only; see ``steer.generate``)."""
+        settings = hook_settings(self.poly, **self.hook_options)
+        if settings["gate"] != "prompt" or not any(j.tail for j in jobs):
+            return None
+        template = resolve_template(self.lm.tokenizer, str(self.poly.meta.get("template", "auto")))
+        return gate_fires(self.lm, self.poly, [j.tail for j in jobs], template, float(settings["threshold"]))
 
     # -- one row, one step ------------------------------------------------------------------
     def _advance(

@@ -218,16 +218,22 @@ def tail_gate_fires(
     views, words = polytope_views(poly.meta)
     if "tail" not in views:
         return None
-    tails = {i: t for i, p in enumerate(prompts) if (t := tail_view(p, words)) is not None}
-    if not tails:
+    return gate_fires(lm, poly, [tail_view(p, words) for p in prompts], template, threshold)
+
+
+def gate_fires(
+    lm: LoadedModel, poly: SafetyPolytope, texts: list[str | None], template: str, threshold: float
+) -> torch.Tensor | None:
+    """``[len(texts)]``: whether the polytope fires at the last position of each text read as a prompt
+    of its own (``None`` entries: False); ``None`` when every entry is ``None``."""
+    given = {i: t for i, t in enumerate(texts) if t is not None}
+    if not given:
         return None
     x, index, _ = extract_features(
-        lm, [Record(prompt=t) for t in tails.values()], int(poly.meta["layer"]), policy="last_prompt", template=template
+        lm, [Record(prompt=t) for t in given.values()], int(poly.meta["layer"]), policy="last_prompt", template=template
     )
-    margins = read_in_batches(poly, x)
-    fired = torch.zeros(len(prompts), dtype=torch.bool)
-    rows = torch.tensor(list(tails))[index]
-    fired[rows] = margins.max(dim=1).values > threshold
+    fired = torch.zeros(len(texts), dtype=torch.bool)
+    fired[torch.tensor(list(given))[index]] = read_in_batches(poly, x).max(dim=1).values > threshold
     return fired
 
 
