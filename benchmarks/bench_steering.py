@@ -153,7 +153,8 @@ def cmd_read(args: argparse.Namespace) -> None:
         json.loads(line) for line in args.samples.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
     rows = read_labels()
-    report_file = args.samples.with_name(args.samples.name.replace("_samples.jsonl", ".json"))
+    name = args.samples.name  # a bench's own samples.jsonl sits beside report.json; committed copies are X_samples.jsonl
+    report_file = args.samples.with_name("report.json" if name == "samples.jsonl" else name.replace("_samples.jsonl", ".json"))
     result = {
         "samples": str(args.samples),
         "samples_commit": (read_json(report_file, "bench report").get("provenance") or {}).get("commit")
