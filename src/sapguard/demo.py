@@ -201,8 +201,8 @@ def steering_section(rows: list[dict[str, str]]) -> str:
     return f"""
 ## Steering (greedy, 40 new tokens; {source})
 
-The gate decides at the last prompt token (the position that emits the first answer token) whether
-to steer; `safeflow` then makes the minimal edit, along the refusal direction, that puts every
+The gate decides at the last prompt token (the position that emits the first answer token), and on
+the prompt's last line read alone, whether to steer; `safeflow` then makes the minimal edit, along the refusal direction, that puts every
 generated position inside the behavioural target (the model's own refusal states versus its
 compliance states) with margin 2; `refuse` answers with a fixed refusal. How the artifact was made and benchmarked: docs/STEERING.md.
 
