@@ -54,6 +54,10 @@ MODE_KEY = "sapguard_mode"
 """Key of the per-request mode in ``SamplingParams.extra_args`` (and ``vllm_xargs`` over HTTP)."""
 CAPTURE_KEY = "sapguard_capture"
 """Key of the per-request feature capture (:data:`CAPTURE`) in ``SamplingParams.extra_args``."""
+GATE_KEY = "sapguard_gate_on"
+"""``extra_args[GATE_KEY] = True`` gates a request on at its prompt (a prompt-scope gate) even when
+the whole prompt does not fire: set by :class:`~sapguard.engines.vllm.VLLMGuard` for prompts whose
+tail view fired (:mod:`sapguard.features.views`)."""
 
 
 def load_guard_polytope(spec: str | Path) -> SafetyPolytope:
@@ -184,6 +188,7 @@ class StepRequests:
         prompt_lens: Prompt length of each request.
         modes: Mode of each request (already validated).
         captures: Feature capture of each request (:data:`CAPTURE`); ``None``: the config's.
+        gated_on: Requests gated on at their prompt whatever it scores (:data:`GATE_KEY`).
     """
 
     req_ids: list[str]
@@ -191,6 +196,7 @@ class StepRequests:
     prompt_lens: list[int]
     modes: list[str]
     captures: list[str | None] | None = None
+    gated_on: list[bool] | None = None
 
 
 class FlatGuard:
@@ -248,6 +254,11 @@ class FlatGuard:
         """The request's feature capture (``extra_args["sapguard_capture"]``), else the config's."""
         capture = (extra_args or {}).get(CAPTURE_KEY)
         return capture if capture in CAPTURE else self.config.capture
+
+    @staticmethod
+    def gated_on(extra_args: dict[str, Any] | None) -> bool:
+        """Whether the request asks to be gated on at its prompt (``extra_args[GATE_KEY] is True``)."""
+        return (extra_args or {}).get(GATE_KEY) is True
 
     def mode_of(self, extra_args: dict[str, Any] | None) -> str:
         """The request's mode: ``extra_args["sapguard_mode"]`` if valid, else the default.
@@ -354,7 +365,7 @@ class FlatGuard:
             at0 = mine[g_mine == 0]
             if len(at0):
                 rec.prompt_margins = margins_cpu[at0[0]].tolist()
-                rec.active = bool(fired[at0[0]])
+                rec.active = bool(fired[at0[0]]) or bool(reqs.gated_on is not None and reqs.gated_on[i])
             if self.gate == "prompt":
                 gate_ok[mine] = bool(rec.active)
             rec.max_score = max(rec.max_score, float(score_cpu[mine].max()))

@@ -53,6 +53,7 @@ import torch
 from sapguard.detect import Verdict, verdict_from_margins
 from sapguard.engines.flat import (
     CAPTURE_KEY,
+    GATE_KEY,
     MODE_KEY,
     FlatGuard,
     GuardConfig,
@@ -66,6 +67,7 @@ from sapguard.errors import ArtifactMismatchError, SapError
 from sapguard.features.views import polytope_views, tail_view
 from sapguard.models.layers import block_for_layer
 from sapguard.polytope.model import SafetyPolytope
+from sapguard.steer.hook import hook_settings
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ def _make_hook(guard: FlatGuard, runner: Any) -> Any:
         if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
             return None
         req_ids = list(batch.req_ids[:num_reqs])
-        prompt_lens, modes, captures = [], [], []
+        prompt_lens, modes, captures, gated_on = [], [], [], []
         for rid in req_ids:
             state = runner.requests.get(rid)
             params = getattr(state, "sampling_params", None)
@@ -226,12 +228,13 @@ def _make_hook(guard: FlatGuard, runner: Any) -> Any:
             prompt_lens.append(int(getattr(state, "num_prompt_tokens", 0) or 0))
             modes.append(guard.mode_of(extra))
             captures.append(guard.capture_of(extra))
+            gated_on.append(guard.gated_on(extra))
         if isinstance(output, tuple):
             hidden, residual = output[0], output[1] if len(output) > 1 else None
         else:
             hidden, residual = output, None
         stream = hidden + residual if isinstance(residual, torch.Tensor) else hidden
-        delta = guard.step(stream, positions, StepRequests(req_ids, starts, prompt_lens, modes, captures))
+        delta = guard.step(stream, positions, StepRequests(req_ids, starts, prompt_lens, modes, captures, gated_on))
         if delta is None:
             return None
         edited = hidden + delta.to(hidden.dtype)
@@ -465,6 +468,9 @@ class VLLMGuard:
             sampling_kwargs.setdefault("temperature", 0.0)
         per_mode = list(modes) if modes is not None else [mode] * len(prompts)
         params = [self.sampling_params(sampling_params, mode=m, capture=capture, **sampling_kwargs) for m in per_mode]
+        for p, on in zip(params, self._tails_fire(prompts, per_mode, template)):
+            if on:
+                p.extra_args = {**(p.extra_args or {}), GATE_KEY: True}
         inputs = [{"prompt_token_ids": self.encode(p, template)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=use_tqdm)
         records = self.llm.collective_rpc(
@@ -489,6 +495,25 @@ class VLLMGuard:
                 )
             )
         return results
+
+    def _tails_fire(self, prompts: Sequence[str], modes: Sequence[str | None], template: str | None) -> list[bool]:
+        """For a prompt-scope gate whose polytope reads the tail view: which prompts of gated modes have a
+        tail view that fires (one detect prefill per such tail), as ``steer.generate`` does."""
+        settings = hook_settings(self.poly, tokens=self.config.tokens, first_n=self.config.first_n,
+                                 threshold=self.config.threshold, gate=self.config.gate)
+        views, words = polytope_views(self.poly.meta)
+        out = [False] * len(prompts)
+        if settings["gate"] != "prompt" or "tail" not in views:
+            return out
+        gated = {name for name in self.modes if name not in ("off", "detect")}
+        tails = {i: t for i, (p, m) in enumerate(zip(prompts, modes))
+                 if (m or self.config.mode) in gated and (t := tail_view(p, words)) is not None}
+        if tails:
+            reads = self.generate(list(tails.values()), mode="detect", template=template, max_tokens=1)
+            for i, read in zip(tails, reads):
+                margins = read.record.get("prompt_margins") or {}
+                out[i] = bool(margins) and max(margins.values()) > float(settings["threshold"])
+        return out
 
     def scan(self, texts: Sequence[str], *, template: str | None = None) -> list[Verdict]:
         """Detection only: one prefill per text (one generated token, discarded), verdicts in order.
