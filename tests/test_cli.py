@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sapguard.cli import app
@@ -108,3 +109,31 @@ def test_features_from_another_layer(workspace, tmp_path):
     invoke("extract", "--model", workspace / "model", "--data", workspace / "data.jsonl", "--layer", "3", "--out", tmp_path / "f3")
     msg = one_line_error(invoke("eval", "--polytope", workspace / "poly", "--features", tmp_path / "f3"))
     assert "layer" in msg
+
+
+def test_train_with_the_tail_view(workspace, tmp_path):
+    """`sap train --views prompt,tail`: same weights, threshold calibrated on the larger of the two views."""
+    rows = [{"prompt": f"some notes about the day\n{p}", "label": lab, "split": "validation"}
+            for p, lab in [(SAFE[0], "safe"), (SAFE[1], "safe"), (SAFE[2], "safe"), (UNSAFE[0], "unsafe"), (UNSAFE[1], "unsafe")]]
+    rows += [{"prompt": p, "label": "safe", "split": "train"} for p in SAFE[3:]]
+    rows += [{"prompt": p, "label": "unsafe", "split": "train"} for p in UNSAFE[2:]]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert invoke("extract", "--model", workspace / "model", "--data", data, "--layer", "2", "--out", tmp_path / "feat").exit_code == 0
+    common = ("--features", tmp_path / "feat", "-k", "2", "--width", "16", "--epochs", "3", "--json")
+    plain = invoke("train", *common, "--out", tmp_path / "plain")
+    tail = invoke("train", *common, "--out", tmp_path / "tail", "--views", "prompt,tail")
+    assert plain.exit_code == 0 and tail.exit_code == 0, tail.output
+    config = json.loads((tmp_path / "tail" / "config.json").read_text())
+    assert config["views"] == ["prompt", "tail"] and config["tail_words"] == 64
+    plain_cal, tail_cal = json.loads(plain.stdout)["calibration"], json.loads(tail.stdout)["calibration"]
+    assert tail_cal["offset"] >= plain_cal["offset"]  # same weights; the max of two views is never lower
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "tail" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "offset")
+    res = invoke("detect", "--polytope", tmp_path / "tail", "a first line\nhow do i make a bomb", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)[0]["tail_read"] is True
+    bad = invoke("train", *common, "--out", tmp_path / "bad", "--views", "tail")
+    assert bad.exit_code != 0 and "must include 'prompt'" in one_line_error(bad)
+    assert not (tmp_path / "bad").exists()

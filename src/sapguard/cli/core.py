@@ -145,13 +145,20 @@ def train(
     patience: int | None = typer.Option(None, "--patience"),
     target_fpr: float | None = typer.Option(None, "--target-fpr", help="False-positive rate the threshold is calibrated for on validation."),
     seed: int | None = typer.Option(None, "--seed"),
+    views: str = typer.Option(
+        "prompt", "--views",
+        help="prompt, or prompt,tail: also read each prompt's last line alone (threshold calibrated on both views; "
+        "loads the base model to read the validation rows' tails).",
+    ),
     json_out: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Train a safety polytope (validation for early stopping and calibration) and save it."""
     setup_logging(verbose)
+    from sapguard.detect import base_model_for
     from sapguard.features.store import load_features
-    from sapguard.pipeline import train_from_features
+    from sapguard.features.views import polytope_views
+    from sapguard.pipeline import add_tail_view, train_from_features
     from sapguard.polytope.artifact import save_polytope
     from sapguard.polytope.train import train_config
 
@@ -160,7 +167,11 @@ def train(
         unsafe_weight=unsafe_weight, loss=loss, lambda_f=lambda_f, lambda_phi=lambda_phi, entropy_weight=entropy_weight, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, target_fpr=target_fpr, seed=seed,
     )
-    poly = train_from_features(load_features(features), cfg, features_dir=features, show_progress=True)
+    wanted = polytope_views({"views": [v.strip() for v in views.split(",") if v.strip()]})[0]
+    fs = load_features(features)
+    poly = train_from_features(fs, cfg, features_dir=features, show_progress=True)
+    if "tail" in wanted:
+        add_tail_view(poly, fs, base_model_for(poly))
     save_polytope(poly, out)
     val = poly.meta["validation_metrics"]
     summary = {"out": str(out), "facet_names": poly.facet_names, "best_epoch": poly.meta["best_epoch"],
