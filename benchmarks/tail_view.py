@@ -21,7 +21,6 @@ gets its own thresholds, from the remaining validation benign rows scored the sa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -30,56 +29,34 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from sapguard.bench.run import provenance
 from sapguard.data.records import read_jsonl
 from sapguard.evaluate import Scorer, leave_one_out, max_view_trainer, polytope_trainer
-from sapguard.features.extract import encode_records, length_sorted_batches
-from sapguard.features.hooks import left_pad
+from sapguard.features.extract import encode_records, extract_features
 from sapguard.features.views import tail_records
 from sapguard.io import write_json
 from sapguard.models.chat import resolve_template
-from sapguard.models.layers import block_for_layer, unwrap_hidden
 from sapguard.models.loading import load_model
 from sapguard.polytope.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.inference_mode()
 def extract(sweep: Path, out: Path, layer: int, words: int, max_length: int) -> None:
     records = read_jsonl(sweep / "records.jsonl")
     views = tail_records(records, words)
     rows = sorted(views)
     lm = load_model("default")
     template = resolve_template(lm.tokenizer, "auto")
-    encoded = encode_records(lm, [views[i] for i in rows], "last_prompt", template, max_length)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module, args, output):
-        captured["h"] = unwrap_hidden(output)
-        raise _Stop
-
-    handle = block_for_layer(lm.model, layer).register_forward_hook(hook)
+    tokens = sum(len(e.ids) for e in encode_records(lm, [views[i] for i in rows], "last_prompt", template, max_length))
+    start = time.perf_counter()
+    x, index, _ = extract_features(lm, [views[i] for i in rows], layer, policy="last_prompt", template=template,
+                                   max_length=max_length, show_progress=True)
+    at = torch.tensor(rows)[index]
     tail = torch.zeros(len(records), lm.hidden_size, dtype=torch.float16)
     has = torch.zeros(len(records), dtype=torch.bool)
-    start, tokens = time.perf_counter(), 0
-    try:
-        for batch in tqdm(length_sorted_batches(encoded, 32, 8192), desc="tail views", unit="batch"):
-            inputs = left_pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
-            tokens += int(inputs["attention_mask"].sum())
-            with contextlib.suppress(_Stop):
-                lm.model(**inputs, use_cache=False)
-            for b, e in enumerate(batch):
-                tail[rows[e.record_index]] = captured["h"][b, -1].half()
-                has[rows[e.record_index]] = True
-    finally:
-        handle.remove()
+    tail[at], has[at] = x.half(), True
     out.mkdir(parents=True, exist_ok=True)
     save_file({"tail": tail, "has_tail": has}, str(out / "tail.safetensors"))
     meta = {"layer": layer, "words": words, "max_length": max_length, "rows": len(rows), "tokens": tokens,
