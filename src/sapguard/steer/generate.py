@@ -164,19 +164,13 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     hook = None
+    tail_fired = None
     if steering:
         assert poly is not None and mode_obj is not None
-        hook = SteeringHook(
-            lm.model,
-            poly,
-            mode_obj,
-            **hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate),
-        )
-    tail_fired = (
-        tail_gate_fires(lm, poly, prompts, template, hook.threshold)
-        if hook is not None and poly is not None and hook.gate == "prompt"
-        else None
-    )
+        settings = hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate)
+        if settings["gate"] == "prompt":  # read before the hook is installed: this forward is not steered
+            tail_fired = tail_gate_fires(lm, poly, prompts, template, float(settings["threshold"]))
+        hook = SteeringHook(lm.model, poly, mode_obj, **settings)
     results: list[tuple[int, Generation]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     try:
