@@ -125,7 +125,7 @@ def gate_evasion_gcg(nanogcg: Any) -> type:
 def defended_check(lm: LoadedModel, gate: SafetyPolytope, threshold: float, prompt: str) -> dict[str, Any]:
     """The gate's margin at the last prompt position (the state the hook reads), its decision, and
     SafeFlow's greedy reply to ``prompt``."""
-    ids = torch.tensor([encode_prompt(lm.tokenizer, prompt, resolve_template(lm.tokenizer, "auto"))])
+    ids = torch.tensor([encode_prompt(lm.tokenizer, prompt, resolve_template(lm.tokenizer, "auto"))], device=lm.device)
     with torch.inference_mode():
         hidden = lm.model(ids, output_hidden_states=True).hidden_states[int(gate.meta["layer"])]
         margin = float(gate.margins(hidden[0, -1:].float()).max())
@@ -170,13 +170,31 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, help=f"default {DEFAULT_OUT.name}, or {ADAPTIVE_OUT.name} with --against"
     )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype while attacking")
+    parser.add_argument(
+        "--requests",
+        type=Path,
+        help="JSON list of train-split requests (written by --write-requests; for machines without the corpus)",
+    )
+    parser.add_argument("--write-requests", type=Path, help="write the chosen requests as JSON and stop")
     args = parser.parse_args()
     out_path = args.out or (ADAPTIVE_OUT if args.against else DEFAULT_OUT)
     logging.basicConfig(level=logging.WARNING)
 
+    if args.write_requests:
+        with atomic_write(args.write_requests) as f:
+            json.dump(train_requests(args.n_requests, args.max_chars, args.seed), f, indent=1)
+        return
+    requests = (
+        json.loads(args.requests.read_text())[: args.n_requests]
+        if args.requests
+        else train_requests(args.n_requests, args.max_chars, args.seed)
+    )
+
     import nanogcg  # optional: `make gcg` installs it (see the module docstring)
 
-    lm = load_model("default")
+    lm = load_model("default", device=args.device, dtype=args.dtype)
     settings = {
         "num_steps": args.steps,
         "search_width": args.search_width,
@@ -191,6 +209,8 @@ def main() -> None:
         "config": settings,
         "target": args.target,
         "attacked_model": "default (base, no defence)",
+        "device": str(lm.device),
+        "dtype": args.dtype,
         **provenance(),
     }
     gate, threshold = None, 0.0
@@ -205,7 +225,7 @@ def main() -> None:
             "gate_sha256": gate.meta.get("weights_sha256"),
         }
     rows: list[dict] = []
-    for i, request in enumerate(train_requests(args.n_requests, args.max_chars, args.seed)):
+    for i, request in enumerate(requests):
         start = time.perf_counter()
         config = nanogcg.GCGConfig(**settings)
         if gate is None:

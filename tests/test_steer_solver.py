@@ -7,7 +7,14 @@ import torch
 
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
 from sapguard.steer.modes import SafeFlow
-from sapguard.steer.solver import autograd_margins_and_grad, margins_and_grad, polytope_on, solve
+from sapguard.errors import SapError
+from sapguard.steer.solver import (
+    autograd_margins_and_grad,
+    margins_and_grad,
+    polytope_on,
+    solve,
+    solve_static,
+)
 
 
 def _poly(kind: str = "mlp", depth: int = 1, d: int = 16, k: int = 3, seed: int = 0) -> SafetyPolytope:
@@ -152,3 +159,32 @@ def test_polytope_on_copies_tensors_only_and_consumes_no_randomness():
     assert torch.equal(torch.rand(3), expected)
     assert copy is not half and copy.phi.dtype == torch.float32
     assert torch.allclose(copy.margins(torch.ones(2, 16)), half.margins(torch.ones(2, 16).double()).float())
+
+
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_static_solver_matches_dynamic(with_basis):
+    """The fixed-shape solver (CUDA-graph form) gives solve()'s iterates, steps and margins."""
+    poly = _poly()
+    h = torch.cat([_violating(poly, 24), torch.randn(8, 16) * 0.1 + poly.encoder.mean])  # some rows inside already
+    basis = None
+    if with_basis:
+        u = torch.randn(16)
+        basis = (u / u.norm())[None, :]
+    kwargs = dict(margin=0.5, max_steps=30, basis=basis, nonnegative=with_basis)
+    dyn, stat = solve(poly, h, **kwargs), solve_static(poly, h, **kwargs)
+    assert torch.equal(dyn.steps, stat.steps) and torch.equal(dyn.failed, stat.failed)
+    assert torch.allclose(dyn.hidden, stat.hidden, atol=1e-5)
+    assert torch.allclose(dyn.margin, stat.margin, atol=1e-5)
+    assert bool((stat.steps == 0).any()) and bool((stat.steps > 1).any())  # both kinds of rows present
+
+
+def test_static_safeflow_mode_and_deep_encoder_refused():
+    poly = _poly()
+    h = _violating(poly)
+    a, b = SafeFlow(margin=0.5).edit(h, poly), SafeFlow(margin=0.5, static=True).edit(h, poly)
+    assert torch.allclose(a.hidden, b.hidden, atol=1e-4)
+    # rows that creep along the boundary may take a few steps more or less (batch-shape rounding)
+    assert float((a.steps == b.steps).float().mean()) >= 0.9
+    assert bool((poly.margins(b.hidden).max(-1).values <= -0.5 + 1e-5).all())
+    with pytest.raises(SapError, match="closed-form"):
+        solve_static(_poly(depth=2), h)

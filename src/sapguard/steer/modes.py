@@ -23,7 +23,7 @@ import torch
 
 from sapguard.errors import SapError
 from sapguard.polytope.model import SafetyPolytope
-from sapguard.steer.solver import polytope_on, solve
+from sapguard.steer.solver import polytope_on, solve, solve_static
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class SafeFlow:
             (:func:`make_mode` accepts ``"refusal_direction"``: the artifact's direction, normalised).
         nonnegative: With a basis, edit only *along* its vectors (coordinates ``>= 0``);
             :func:`make_mode` turns it on for ``"refusal_direction"`` (toward refusal, never away).
+        static: Use :func:`~sapguard.steer.solver.solve_static` (same iterates, fixed shapes, no
+            host synchronisation, always ``max_steps`` iterations): the form a CUDA graph can capture.
     """
 
     margin: float = 1.0
@@ -107,6 +109,7 @@ class SafeFlow:
     target: SafetyPolytope | None = None
     basis: torch.Tensor | None = None
     nonnegative: bool = False
+    static: bool = False
     name: str = "safeflow"
     edits: bool = True
     gated: bool = True
@@ -133,7 +136,7 @@ class SafeFlow:
     def edit(self, h: torch.Tensor, poly: SafetyPolytope) -> Edit:
         target, basis = self.constraints(poly, h.device)
         with torch.inference_mode():
-            res = solve(
+            res = (solve_static if self.static else solve)(
                 target,
                 h,
                 margin=self.margin,
@@ -144,7 +147,7 @@ class SafeFlow:
                 basis=basis,
                 nonnegative=self.nonnegative,
             )
-        if bool(res.failed.any()):
+        if not self.static and bool(res.failed.any()):  # the static form never synchronises
             logger.warning(
                 "SafeFlow produced non-finite values for %d state(s); falling back", int(res.failed.sum())
             )

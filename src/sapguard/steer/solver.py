@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sapguard.errors import SapError
 from sapguard.polytope.model import SafetyPolytope
 
 
@@ -99,6 +100,33 @@ def soft_threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.clamp(x.abs() - t, min=0.0)
 
 
+def _ista_step(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    margin: float,
+    lambda_unsafe: float,
+    overshoot: float,
+    basis: torch.Tensor | None,
+    l1_weight: torch.Tensor | None,
+    nonnegative: bool,
+) -> torch.Tensor:
+    """One proximal step for rows ``x`` (edited from ``h``) with margins ``v`` and gradient ``grad``."""
+    hinge = torch.relu(v + margin).sum(-1) * (lambda_unsafe if lambda_unsafe > 0 else 1.0)
+    if basis is None:
+        eta = overshoot * hinge / grad.pow(2).sum(-1).clamp_min(1e-12)  # [m]
+        return h + soft_threshold(x - eta[:, None] * grad - h, eta[:, None] / x.shape[-1])
+    gc = grad @ basis.T  # gradient in basis coordinates, [m, r]
+    eta = overshoot * hinge / gc.pow(2).sum(-1).clamp_min(1e-12)
+    coef = (x - h) @ basis.T - eta[:, None] * gc
+    assert l1_weight is not None
+    coef = soft_threshold(coef, eta[:, None] * l1_weight[None, :])
+    if nonnegative:
+        coef = coef.clamp_min(0.0)
+    return h + coef @ basis
+
+
 def solve(
     poly: SafetyPolytope,
     h: torch.Tensor,
@@ -137,20 +165,7 @@ def solve(
         if not bool(active.any()):
             break
         idx = active.nonzero(as_tuple=True)[0]
-        xa, ha, va, ga = x[idx], h[idx], v[idx], grad[idx]
-        hinge = torch.relu(va + margin).sum(-1) * (lambda_unsafe if lambda_unsafe > 0 else 1.0)
-        if basis is None:
-            eta = overshoot * hinge / ga.pow(2).sum(-1).clamp_min(1e-12)  # [m]
-            new = ha + soft_threshold(xa - eta[:, None] * ga - ha, eta[:, None] / d)
-        else:
-            gc = ga @ basis.T  # gradient in basis coordinates, [m, r]
-            eta = overshoot * hinge / gc.pow(2).sum(-1).clamp_min(1e-12)
-            coef = (xa - ha) @ basis.T - eta[:, None] * gc
-            assert l1_weight is not None
-            coef = soft_threshold(coef, eta[:, None] * l1_weight[None, :])
-            if nonnegative:
-                coef = coef.clamp_min(0.0)
-            new = ha + coef @ basis
+        new = _ista_step(x[idx], h[idx], v[idx], grad[idx], margin, lambda_unsafe, overshoot, basis, l1_weight, nonnegative)
         finite = torch.isfinite(new).all(-1)
         failed[idx[~finite]] = True
         active[idx[~finite]] = False
@@ -164,6 +179,50 @@ def solve(
         if bool(bad.any()):
             failed[ok[bad]] = True
             active[ok[bad]] = False
+    return SolveResult(x, steps, v.max(-1).values, failed)
+
+
+def solve_static(
+    poly: SafetyPolytope,
+    h: torch.Tensor,
+    *,
+    margin: float = 1.0,
+    lambda_safe: float = 0.0,
+    lambda_unsafe: float = 10.0,
+    max_steps: int = 50,
+    overshoot: float = 1.2,
+    basis: torch.Tensor | None = None,
+    nonnegative: bool = False,
+) -> SolveResult:
+    """:func:`solve` as fixed-shape tensor code: exactly ``max_steps`` masked iterations over every row.
+
+    Same iterates as :func:`solve` (a row stops updating once it is inside with the margin, or once
+    a step would be non-finite), but with no data-dependent shapes and no host synchronisation, so
+    it runs inside a CUDA graph and never stalls a GPU stream. It spends ``max_steps`` iterations
+    even when every row is done early; :class:`~sapguard.steer.modes.SafeFlow` uses it on CUDA.
+    Closed-form encoders only (:func:`closed_form_ok`).
+    """
+    if not closed_form_ok(poly):
+        raise SapError("solve_static needs an identity or one-layer encoder (closed-form gradient)")
+    l1_weight = None if basis is None else basis.abs().sum(-1) / h.shape[-1]
+    x = h.clone()
+    steps = torch.zeros(len(h), dtype=torch.long, device=h.device)
+    v, grad = margins_and_grad(poly, x, margin, lambda_safe, lambda_unsafe)
+    failed = ~torch.isfinite(v).all(-1) | ~torch.isfinite(grad).all(-1)
+    active = (v.max(-1).values > -margin) & ~failed
+    for _ in range(max(int(max_steps), 1)):
+        new = _ista_step(x, h, v, grad, margin, lambda_unsafe, overshoot, basis, l1_weight, nonnegative)
+        finite = torch.isfinite(new).all(-1)
+        failed = failed | (active & ~finite)
+        take = active & finite
+        x = torch.where(take[:, None], new, x)
+        steps = steps + take.long()
+        v_new, g_new = margins_and_grad(poly, x, margin, lambda_safe, lambda_unsafe)
+        bad = ~torch.isfinite(v_new).all(-1) | ~torch.isfinite(g_new).all(-1)
+        failed = failed | (take & bad)
+        v = torch.where(take[:, None], v_new, v)
+        grad = torch.where(take[:, None], g_new, grad)
+        active = take & ~bad & (v_new.max(-1).values > -margin)
     return SolveResult(x, steps, v.max(-1).values, failed)
 
 
