@@ -257,15 +257,16 @@ def part_steer(ref: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def part_speed(rounds: int) -> dict[str, Any]:
+def part_speed(rounds: int, single: int, on_cell: Any = None) -> dict[str, Any]:
+    """Tokens/s per (dtype, concurrency) cell; ``single`` prompts one at a time, 32 at once; ``on_cell(out)`` after each cell."""
     gate = load_steering(STEERING)
     sets = bench_prompts()
     benign, harmful = sets["benign"][:32], sets["direct"][:32]
     out: dict[str, Any] = {"new_tokens": 64, "rounds": rounds}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("bfloat16", "float32"):
         lm = load_model("default", device=DEVICE, dtype=dtype)
         for batch in (1, 32):
-            n = 4 if batch == 1 else 32
+            n = single if batch == 1 else 32
             cases = {
                 "plain_benign": (benign[:n], None, None),
                 "hook_never_firing": (benign[:n], gate, "safeflow"),
@@ -292,6 +293,8 @@ def part_speed(rounds: int) -> dict[str, Any]:
                 ),
                 "rows_edited": fired,
             }
+            if on_cell is not None:
+                on_cell(out)
         del lm
         if DEVICE != "cpu":
             torch.cuda.empty_cache()
@@ -316,7 +319,9 @@ def cmd_check(args: argparse.Namespace) -> None:
         "graph": lambda: part_graph(args.reference),
         "detect": lambda: part_detect(ref_json),
         "steer": lambda: part_steer(ref_json),
-        "speed": lambda: part_speed(args.rounds),
+        "speed": lambda: part_speed(
+            args.rounds, args.single, lambda partial: write(args.out, result | {"speed": partial})
+        ),
     }
     for name in args.parts.split(","):
         start = time.perf_counter()
@@ -338,6 +343,7 @@ def main() -> None:
     parser.add_argument("--parts", default="graph,detect,steer,speed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--single", type=int, default=4, help="speed: prompts generated one at a time")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
