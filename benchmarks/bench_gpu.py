@@ -275,6 +275,8 @@ def part_speed(rounds: int, single: int, on_cell: Any = None) -> dict[str, Any]:
             }
             rates: dict[str, list[float]] = {k: [] for k in cases}
             fired: dict[str, int] = {}
+            for prompts, poly, mode in cases.values():  # warm-up (CUDA start-up, allocator)
+                generate(lm, prompts[:batch], poly, mode, max_new_tokens=8, batch_size=batch)
             for _ in range(rounds):
                 for name, (prompts, poly, mode) in cases.items():
                     _sync()
