@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sapguard.errors import SapError
 from sapguard.polytope.model import EncoderSpec, SafetyPolytope
 from sapguard.steer.modes import SafeFlow
-from sapguard.errors import SapError
 from sapguard.steer.solver import (
     autograd_margins_and_grad,
     margins_and_grad,
@@ -170,7 +170,7 @@ def test_static_solver_matches_dynamic(with_basis):
     if with_basis:
         u = torch.randn(16)
         basis = (u / u.norm())[None, :]
-    kwargs = dict(margin=0.5, max_steps=30, basis=basis, nonnegative=with_basis)
+    kwargs = {"margin": 0.5, "max_steps": 30, "basis": basis, "nonnegative": with_basis}
     dyn, stat = solve(poly, h, **kwargs), solve_static(poly, h, **kwargs)
     assert torch.equal(dyn.steps, stat.steps) and torch.equal(dyn.failed, stat.failed)
     assert torch.allclose(dyn.hidden, stat.hidden, atol=1e-5)

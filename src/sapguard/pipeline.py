@@ -5,20 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from sapguard.data.default_corpus import corpus_summary
 from sapguard.data.records import Record, read_records
 from sapguard.errors import SapError
 from sapguard.evaluate import binary_metrics
-from sapguard.features.extract import extract_features
 from sapguard.features.store import FeatureSet
-from sapguard.features.views import TAIL_WORDS, tail_records
+from sapguard.features.views import TAIL_WORDS
 from sapguard.models.chat import resolve_template
 from sapguard.models.loading import LoadedModel
 from sapguard.polytope.model import SafetyPolytope
 from sapguard.polytope.train import TrainConfig, calibrate_scores, raw_scores, train_polytope
+from sapguard.polytope.views import max_view_scores
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +81,10 @@ def add_tail_view(poly: SafetyPolytope, features: FeatureSet, lm: LoadedModel, w
     if features.manifest.get("policy") != "last_prompt":
         raise SapError(f"the tail view needs last_prompt features; these were read with {features.manifest.get('policy')!r}")
     x_val, y_val, r_val = features.subset("validation")
-    scores = raw_scores(poly, x_val.float())
-    tails = tail_records(r_val, words)
-    if tails:
-        rows = sorted(tails)
-        template = resolve_template(lm.tokenizer, str(features.manifest.get("template", "auto")))
-        x_tail, index, _ = extract_features(lm, [tails[i] for i in rows], int(features.manifest["layer"]),
-                                            policy="last_prompt", template=template)
-        at = torch.tensor(rows)[index].numpy()
-        scores[at] = np.maximum(scores[at], raw_scores(poly, x_tail))
+    template = resolve_template(lm.tokenizer, str(features.manifest.get("template", "auto")))
+    scores = max_view_scores(poly, x_val, r_val, lm, int(features.manifest["layer"]), template, words)
     target_fpr = float((poly.meta.get("calibration") or {}).get("target_fpr", 0.05))
     calibrate_scores(poly, scores, y_val, target_fpr)
     poly.meta.update({"views": ["prompt", "tail"], "tail_words": words,
                       "validation_metrics": binary_metrics(y_val, scores, float(poly.offset))})
-    logger.info("tail view: %d of %d validation rows have one; offset %.3f", len(tails), len(r_val), float(poly.offset))
+    logger.info("tail view: %d validation rows; offset %.3f", len(r_val), float(poly.offset))

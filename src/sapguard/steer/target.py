@@ -262,9 +262,10 @@ def train_gate(
     plain and wrapped rows apart.
     """
     from sapguard.features.extract import extract_features
-    from sapguard.features.views import TAIL_WORDS, polytope_views, tail_records
+    from sapguard.features.views import TAIL_WORDS, polytope_views
     from sapguard.models.chat import resolve_template
     from sapguard.polytope.train import TrainConfig, calibrate_scores, raw_scores, train_polytope
+    from sapguard.polytope.views import max_view_scores
 
     template = resolve_template(lm.tokenizer, "auto")
     parts = {}
@@ -300,14 +301,10 @@ def train_gate(
     )
     gate = result.polytope
     x_val, y_val, recs_val = parts["validation"]
-    scores = raw_scores(gate, torch.as_tensor(x_val, dtype=torch.float32))
-    if "tail" in polytope_views({"views": list(views)})[0]:
-        tails = tail_records(recs_val)
-        if tails:
-            rows = sorted(tails)
-            x_tail, idx, _ = extract_features(lm, [tails[i] for i in rows], layer, policy="last_prompt", template=template)
-            at = np.array(rows)[idx.numpy()]
-            scores[at] = np.maximum(scores[at], raw_scores(gate, x_tail))
+    x_val_t = torch.as_tensor(x_val, dtype=torch.float32)
+    with_tail = "tail" in polytope_views({"views": list(views)})[0]
+    scores = max_view_scores(gate, x_val_t, recs_val, lm, layer, template) if with_tail else raw_scores(gate, x_val_t)
+    if with_tail:
         calibrate_scores(gate, scores, y_val, (train_config or TrainConfig()).target_fpr)
         gate.meta.update({"views": list(views), "tail_words": TAIL_WORDS})
     fired = scores > float(gate.offset)
