@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sapguard.bench.judges import CausalLMGuardJudge, parse_guard_verdict
+from sapguard.errors import SapError
 from sapguard.features.hooks import left_pad
 from sapguard.models.chat import encode_prompt
 from sapguard.steer import Redirect, generate, steer
@@ -146,3 +148,18 @@ def test_prompt_gate_reads_the_tail_view(tiny_llama):
     gated = generate(tiny_llama, [prompt, "one line only"], poly, "refuse", gate="prompt", threshold=threshold,
                      max_new_tokens=3, refusal_text="No.")
     assert gated[0].refused and gated[0].response == "No." and gated[0].summary.fired_tokens == 1
+
+
+def test_gate_on_forces_rows_and_is_checked(tiny_llama):
+    """``generate(gate_on=...)`` gates the flagged rows on (an outside filter's decision); the others
+    are bit-identical to plain generation when the polytope never fires."""
+    poly = tiny_polytope(tiny_llama, offset=NEVER)
+    base = generate(tiny_llama, PROMPTS, None, None, max_new_tokens=4)
+    flags = [True] + [False] * (len(PROMPTS) - 1)
+    gens = generate(tiny_llama, PROMPTS, poly, "refuse", gate="prompt", max_new_tokens=4, refusal_text="No.", gate_on=flags)
+    assert gens[0].refused and gens[0].response == "No."
+    assert all(not g.refused and g.token_ids == b.token_ids for g, b in zip(gens[1:], base[1:]))
+    with pytest.raises(SapError, match="gate_on has 1 flags"):
+        generate(tiny_llama, PROMPTS, poly, "refuse", gate="prompt", max_new_tokens=2, gate_on=[True])
+    with pytest.raises(SapError, match="prompt-scope gate"):
+        generate(tiny_llama, PROMPTS, poly, "refuse", gate="position", max_new_tokens=2, gate_on=flags)

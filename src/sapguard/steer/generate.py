@@ -9,6 +9,7 @@ too and marked ``fallback="refusal"``; steering never silently returns an unstee
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -112,6 +113,7 @@ def generate(
     mode_options: dict[str, Any] | None = None,
     return_logits: bool = False,
     show_progress: bool = False,
+    gate_on: Sequence[bool] | None = None,
 ) -> list[Generation]:
     """Generate answers, steered by ``poly`` in ``mode`` (or plainly when ``poly``/``mode`` is None).
 
@@ -129,6 +131,8 @@ def generate(
         refusal_text: Answer for ``refuse`` mode and the SafeFlow fallback.
         mode_options: Overrides passed to :func:`~sapguard.steer.modes.make_mode`.
         return_logits: Keep each step's next-token logits (for KL measurements).
+        gate_on: One flag per prompt: gate these rows on whatever the polytope reads (an outside
+            filter's decision, e.g. a perplexity or moderation check); needs a prompt-scope gate.
 
     Raises:
         SapError: for an empty prompt, a prompt longer than the context window or a polytope
@@ -170,6 +174,13 @@ def generate(
         settings = hook_settings(poly, tokens=tokens, first_n=first_n, threshold=threshold, gate=gate)
         if settings["gate"] == "prompt":  # read before the hook is installed: this forward is not steered
             tail_fired = tail_gate_fires(lm, poly, prompts, template, float(settings["threshold"]))
+        if gate_on is not None:
+            if len(gate_on) != len(prompts):
+                raise SapError(f"gate_on has {len(gate_on)} flags for {len(prompts)} prompts")
+            if settings["gate"] != "prompt":
+                raise SapError("gate_on needs a prompt-scope gate (gate='prompt')")
+            forced = torch.tensor([bool(g) for g in gate_on])
+            tail_fired = forced if tail_fired is None else tail_fired | forced
         hook = SteeringHook(lm.model, poly, mode_obj, **settings)
     results: list[tuple[int, Generation]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
