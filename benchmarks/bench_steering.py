@@ -154,11 +154,15 @@ def cmd_read(args: argparse.Namespace) -> None:
     ]
     rows = read_labels()
     name = args.samples.name  # a bench's own samples.jsonl sits beside report.json; committed copies are X_samples.jsonl
-    report_file = args.samples.with_name("report.json" if name == "samples.jsonl" else name.replace("_samples.jsonl", ".json"))
+    report_file = (
+        args.samples.with_name("report.json" if name == "samples.jsonl" else name.replace("_samples.jsonl", ".json"))
+        if name == "samples.jsonl" or name.endswith("_samples.jsonl")
+        else None  # answers without a bench report beside them
+    )
     result = {
         "samples": str(args.samples),
         "samples_commit": (read_json(report_file, "bench report").get("provenance") or {}).get("commit")
-        if report_file.is_file()
+        if report_file is not None and report_file.is_file()
         else None,
         "labels": len(rows),
         "agreement": {
