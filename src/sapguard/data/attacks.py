@@ -173,9 +173,15 @@ def gcg_attacks() -> list[Attack]:
 
 NANOGCG_ASSET = "nanogcg_smollm2.jsonl"
 ADAPTIVE_ASSET = "nanogcg_smollm2_adaptive.jsonl"
-NANOGCG_ASSETS = {"nanogcg": NANOGCG_ASSET, "nanogcg_adaptive": ADAPTIVE_ASSET}
-"""Suffix sets written by ``benchmarks/gcg_suffixes.py``: against the base model (transfer) and
-against the shipped SafeFlow artifact (adaptive: optimised to stay below its gate)."""
+ADAPTIVE_PPL_ASSET = "nanogcg_smollm2_adaptive_ppl.jsonl"
+NANOGCG_ASSETS = {
+    "nanogcg": NANOGCG_ASSET,
+    "nanogcg_adaptive": ADAPTIVE_ASSET,
+    "nanogcg_adaptive_ppl": ADAPTIVE_PPL_ASSET,
+}
+"""Suffix sets written by ``benchmarks/gcg_suffixes.py``: against the base model (transfer), against
+the shipped SafeFlow artifact (adaptive: optimised to stay below its gate), and against the gate and
+the perplexity trigger of ``benchmarks/perplexity_gate.py`` together (``--ppl-threshold``)."""
 
 
 def nanogcg_attacks(source: str = "nanogcg") -> list[Attack]:
