@@ -59,10 +59,11 @@ def windowed_nll(lm: LoadedModel, texts: list[str], window: int, max_tokens: int
 
 
 def cmd_select(args: argparse.Namespace, lm: LoadedModel) -> None:
-    rows = [r for r in build_default_corpus() if r.split == "validation" and r.is_safe and not r.history]
+    validation = [r for r in build_default_corpus() if r.split == "validation" and not r.history]
+    rows = [r for r in validation if r.is_safe]
     scores = windowed_nll(lm, [r.prompt for r in rows], args.window)
     threshold = float(np.quantile(scores, 1 - args.fpr))
-    harmful = [r for r in build_default_corpus() if r.split == "validation" and not r.is_safe and not r.history]
+    harmful = [r for r in validation if not r.is_safe]
     h_scores = windowed_nll(lm, [r.prompt for r in harmful], args.window)
     by_source: dict[str, list[bool]] = {}
     for r, s in zip(rows, scores):
@@ -129,7 +130,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     lm = load_model("default", device="cpu", dtype="float32")
-    cmd_select(args, lm) if args.command == "select" else cmd_bench(args, lm)
+    if args.command == "select":
+        cmd_select(args, lm)
+    else:
+        cmd_bench(args, lm)
 
 
 if __name__ == "__main__":
