@@ -224,6 +224,8 @@ def main() -> None:
     )
     parser.add_argument("--write-requests", type=Path, help="write the chosen requests as JSON and stop")
     args = parser.parse_args()
+    if args.ppl_threshold is not None and not args.against:
+        parser.error("--ppl-threshold needs --against (it is part of the adaptive attack)")
     out_path = args.out or (ADAPTIVE_OUT if args.against else DEFAULT_OUT)
     logging.basicConfig(level=logging.WARNING)
 
