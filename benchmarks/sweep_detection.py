@@ -177,7 +177,7 @@ def held_out_scores(loo: dict) -> dict[str, float]:  # type: ignore[type-arg]
     return {"mean_recall@5%": float(np.mean(recall)), "mean_recall_minus_benign_flag@5%": float(np.mean(gap))}
 
 
-def select(out: Path, candidates: list[str], probe_c: float | None) -> None:
+def select(out: Path, candidates: list[str], probe_c: float | None, path: Path) -> None:
     """Validation leave-one-out for each candidate (representation x training settings); test never read."""
     data = load_file(str(out / "features.safetensors"))
     meta = json.loads((out / "meta.json").read_text())
@@ -191,6 +191,7 @@ def select(out: Path, candidates: list[str], probe_c: float | None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "layers": meta["layers"],
+        "extraction": meta,
         "candidates": {},
     }
     for text in candidates:
@@ -211,7 +212,6 @@ def select(out: Path, candidates: list[str], probe_c: float | None) -> None:
             results["candidates"][f"probe:{rep}"] = {"representation": rep, "probe": f"logistic regression C={probe_c}",
                                                      **held_out_scores(loo), "folds": loo["folds"]}
             print(f"probe:{rep}: {held_out_scores(loo)}", flush=True)
-        path = HERE / "results_sweep_detection.json"  # rewritten after every candidate
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")
 
@@ -225,12 +225,14 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=["last@18", "last@18|loss=logistic,encoder=identity,num_facets=4,lr=0.01,epochs=30,patience=30"],
                         help="representation|TrainConfig overrides, e.g. 'last@22|loss=logistic,encoder=identity,num_facets=4'")
     parser.add_argument("--probe-c", type=float, default=0.1, help="also score a logistic-regression probe (baseline); C")
+    parser.add_argument("--results", type=Path, default=HERE / "results_sweep_detection.json",
+                        help="where select writes its results (rewritten after every candidate)")
     parser.add_argument("--reuse", type=Path, help="an earlier extract directory: rows whose text is unchanged are copied")
     args = parser.parse_args()
     if args.step == "extract":
         extract(args.out, [int(v) for v in args.layers.split(",")], args.max_length, args.reuse)
     else:
-        select(args.out, args.candidates, args.probe_c)
+        select(args.out, args.candidates, args.probe_c, args.results)
 
 
 if __name__ == "__main__":
