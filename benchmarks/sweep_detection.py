@@ -142,9 +142,10 @@ def parse_candidate(text: str) -> tuple[str, dict[str, object]]:
     return rep, overrides
 
 
-def features(data: dict[str, torch.Tensor], layers: list[int], rep: str) -> torch.Tensor:
-    """``"last@14+last@18"`` -> the named (pooling, layer) features, concatenated."""
-    parts = [data[p][:, layers.index(int(layer))].float() for p, layer in (part.split("@") for part in rep.split("+"))]
+def features(data: dict[str, torch.Tensor], layers: dict[str, list[int]], rep: str) -> torch.Tensor:
+    """``"last@14+last@18"`` -> the named (pooling, layer) features, concatenated (``layers``: the
+    layers stored for each pooling)."""
+    parts = [data[p][:, layers[p].index(int(layer))].float() for p, layer in (part.split("@") for part in rep.split("+"))]
     return torch.cat(parts, dim=1)
 
 
@@ -177,11 +178,22 @@ def held_out_scores(loo: dict) -> dict[str, float]:  # type: ignore[type-arg]
     return {"mean_recall@5%": float(np.mean(recall)), "mean_recall_minus_benign_flag@5%": float(np.mean(gap))}
 
 
-def select(out: Path, candidates: list[str], probe_c: float | None, path: Path) -> None:
-    """Validation leave-one-out for each candidate (representation x training settings); test never read."""
+def select(out: Path, candidates: list[str], probe_c: float | None, path: Path, join: list[str] = ()) -> None:
+    """Validation leave-one-out for each candidate (representation x training settings); test never read.
+
+    ``join``: ``DIR:NAME`` entries, another extraction's last-token states of the same records (for
+    example ``ask_view.py``'s) offered to the candidates as pooling ``NAME``.
+    """
     data = load_file(str(out / "features.safetensors"))
     meta = json.loads((out / "meta.json").read_text())
     records = read_jsonl(out / "records.jsonl")
+    layers = dict.fromkeys(data, meta["layers"])
+    for entry in join:
+        other, _, name = entry.rpartition(":")
+        if [r.key for r in read_jsonl(Path(other) / "records.jsonl")] != [r.key for r in records]:
+            raise SystemExit(f"--join {entry}: its records differ from {out}'s")
+        data[name] = load_file(str(Path(other) / "features.safetensors"))["last"]
+        layers[name] = json.loads((Path(other) / "meta.json").read_text())["layers"]
     y = np.array([0 if r.is_safe else 1 for r in records])
     split = np.array([r.split for r in records])
     tr, va = split == "train", split == "validation"
@@ -190,13 +202,14 @@ def select(out: Path, candidates: list[str], probe_c: float | None, path: Path) 
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-        "layers": meta["layers"],
+        "layers": layers,
         "extraction": meta,
+        "joined": list(join),
         "candidates": {},
     }
     for text in candidates:
         rep, overrides = parse_candidate(text)
-        x = features(data, meta["layers"], rep)
+        x = features(data, layers, rep)
         cfg = replace(TrainConfig(), **overrides)
         start = time.perf_counter()
         poly = train_polytope(x[tr], y[tr], x[va], y[va], cfg).polytope
@@ -227,12 +240,13 @@ def main() -> None:
     parser.add_argument("--probe-c", type=float, default=0.1, help="also score a logistic-regression probe (baseline); C")
     parser.add_argument("--results", type=Path, default=HERE / "results_sweep_detection.json",
                         help="where select writes its results (rewritten after every candidate)")
+    parser.add_argument("--join", nargs="*", default=[], help="select: DIR:NAME, another extraction's last-token states as pooling NAME")
     parser.add_argument("--reuse", type=Path, help="an earlier extract directory: rows whose text is unchanged are copied")
     args = parser.parse_args()
     if args.step == "extract":
         extract(args.out, [int(v) for v in args.layers.split(",")], args.max_length, args.reuse)
     else:
-        select(args.out, args.candidates, args.probe_c, args.results)
+        select(args.out, args.candidates, args.probe_c, args.results, args.join)
 
 
 if __name__ == "__main__":
