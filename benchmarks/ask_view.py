@@ -16,21 +16,18 @@ validation leave-one-out folds (the test split is never read):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from sweep_detection import read_layers  # benchmarks/ is the script's directory
 
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.data.records import Record, write_jsonl
-from sapguard.features.extract import Encoded, length_sorted_batches
-from sapguard.features.hooks import left_pad
+from sapguard.features.extract import Encoded
 from sapguard.models.chat import encode_prompt, header_length, resolve_template
-from sapguard.models.layers import block_for_layer, unwrap_hidden
 from sapguard.models.loading import load_model
 
 ASK = (
@@ -47,10 +44,6 @@ def ask_text(record: Record) -> str:
     return ASK.format(text=text.strip())
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.inference_mode()
 def extract(out: Path, layers: list[int], max_length: int, shard: int, shards: int) -> None:
     records = build_default_corpus()
@@ -64,33 +57,14 @@ def extract(out: Path, layers: list[int], max_length: int, shard: int, shards: i
         if len(ids) > max_length:  # keep the question at the end: cut the quoted text's start instead
             ids = ids[:keep] + ids[len(ids) - max_length + keep:]
         encoded.append(Encoded(i, ids, [len(ids) - 1]))
-    captured: dict[int, torch.Tensor] = {}
-    top = max(layers)
-
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            captured[layer] = unwrap_hidden(output)
-            if layer == top:
-                raise _Stop
-
-        return hook
-
-    handles = [block_for_layer(lm.model, layer).register_forward_hook(make_hook(layer)) for layer in layers]
     last = torch.zeros(len(mine), len(layers), lm.hidden_size, dtype=torch.float16)
     row = {i: k for k, i in enumerate(mine)}
     start, tokens = time.perf_counter(), 0
-    try:
-        for batch in tqdm(length_sorted_batches(encoded, 32, 8192), desc=f"ask view {shard}/{shards}", unit="batch"):
-            inputs = left_pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
-            tokens += int(inputs["attention_mask"].sum())
-            with contextlib.suppress(_Stop):
-                lm.model(**inputs, use_cache=False)
-            for b, e in enumerate(batch):
-                for j, layer in enumerate(layers):
-                    last[row[e.record_index], j] = captured[layer][b, -1].half()
-    finally:
-        for h in handles:
-            h.remove()
+    for batch, captured, n_tokens in read_layers(lm, encoded, layers, f"ask view {shard}/{shards}"):
+        tokens += n_tokens
+        for b, e in enumerate(batch):
+            for j, layer in enumerate(layers):
+                last[row[e.record_index], j] = captured[layer][b, -1].half()
     out.mkdir(parents=True, exist_ok=True)
     save_file({"last": last, "rows": torch.tensor(mine)}, str(out / f"shard-{shard}.safetensors"))
     elapsed = time.perf_counter() - start

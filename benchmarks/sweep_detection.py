@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from sapguard.data.default_corpus import build_default_corpus
 from sapguard.data.records import read_jsonl, write_jsonl
 from sapguard.evaluate import Scorer, Trainer, leave_one_out
-from sapguard.features.extract import encode_records, length_sorted_batches
+from sapguard.features.extract import Encoded, encode_records, length_sorted_batches
 from sapguard.features.hooks import left_pad
 from sapguard.models.chat import resolve_template
 from sapguard.models.layers import block_for_layer, unwrap_hidden
@@ -74,16 +75,11 @@ def _reusable(reuse: Path | None, records: list, layers: list[int], max_length: 
     return {i: (old[r.key], data) for i, r in enumerate(records) if r.key in old}
 
 
-@torch.inference_mode()
-def extract(out: Path, layers: list[int], max_length: int, reuse: Path | None = None) -> None:
-    records = build_default_corpus()
-    reused = _reusable(reuse, records, layers, max_length)
-    lm = load_model("default")
-    template = resolve_template(lm.tokenizer, "auto")
-    encoded = encode_records(lm, records, "mean_prompt", template, max_length)
-    assert len(encoded) == len(records)
-    encoded = [e for e in encoded if e.record_index not in reused]
-    print(f"{len(reused)} rows reused from {reuse}, {len(encoded)} to read", flush=True)
+def read_layers(
+    lm: Any, encoded: list[Encoded], layers: list[int], desc: str
+) -> Iterator[tuple[list[Encoded], dict[int, torch.Tensor], int]]:
+    """Length-sorted, left-padded batches through the model, stopped after the highest of ``layers``:
+    yields each batch, ``{layer: [B, T, d] states}`` and its real-token count."""
     captured: dict[int, torch.Tensor] = {}
     top = max(layers)
 
@@ -96,28 +92,42 @@ def extract(out: Path, layers: list[int], max_length: int, reuse: Path | None = 
         return hook
 
     handles = [block_for_layer(lm.model, layer).register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        for batch in tqdm(length_sorted_batches(encoded, 32, 8192), desc=desc, unit="batch"):
+            inputs = left_pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
+            with contextlib.suppress(_Stop):
+                lm.model(**inputs, use_cache=False)
+            yield batch, captured, int(inputs["attention_mask"].sum())
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def extract(out: Path, layers: list[int], max_length: int, reuse: Path | None = None) -> None:
+    records = build_default_corpus()
+    reused = _reusable(reuse, records, layers, max_length)
+    lm = load_model("default")
+    template = resolve_template(lm.tokenizer, "auto")
+    encoded = encode_records(lm, records, "mean_prompt", template, max_length)
+    assert len(encoded) == len(records)
+    encoded = [e for e in encoded if e.record_index not in reused]
+    print(f"{len(reused)} rows reused from {reuse}, {len(encoded)} to read", flush=True)
     last = torch.zeros(len(records), len(layers), lm.hidden_size, dtype=torch.float16)
     mean = torch.zeros_like(last)
     for i, (j, data) in reused.items():
         last[i], mean[i] = data["last"][j], data["mean"][j]
     start = time.perf_counter()
     tokens = 0
-    try:
-        for batch in tqdm(length_sorted_batches(encoded, 32, 8192), desc="extract", unit="batch"):
-            inputs = left_pad([e.ids for e in batch], lm.tokenizer.pad_token_id, lm.device)
-            tokens += int(inputs["attention_mask"].sum())
-            with contextlib.suppress(_Stop):
-                lm.model(**inputs, use_cache=False)
-            width = inputs["input_ids"].shape[1]
-            for b, e in enumerate(batch):
-                pos = [width - len(e.ids) + p for p in e.positions]
-                for j, layer in enumerate(layers):
-                    h = captured[layer][b]
-                    last[e.record_index, j] = h[width - 1].half()
-                    mean[e.record_index, j] = h[pos].float().mean(0).half()
-    finally:
-        for h in handles:
-            h.remove()
+    for batch, captured, n_tokens in read_layers(lm, encoded, layers, "extract"):
+        tokens += n_tokens
+        width = captured[layers[0]].shape[1]
+        for b, e in enumerate(batch):
+            pos = [width - len(e.ids) + p for p in e.positions]
+            for j, layer in enumerate(layers):
+                h = captured[layer][b]
+                last[e.record_index, j] = h[width - 1].half()
+                mean[e.record_index, j] = h[pos].float().mean(0).half()
     out.mkdir(parents=True, exist_ok=True)
     save_file({"last": last, "mean": mean}, str(out / "features.safetensors"))
     write_jsonl(out / "records.jsonl", records)
