@@ -61,7 +61,7 @@ def auroc(scores: np.ndarray, unsafe: np.ndarray) -> float | None:
 
 
 def summary(rows: Sequence[Record], flagged: np.ndarray, scores: np.ndarray) -> dict[str, object]:
-    unsafe = np.array([not r.is_safe for r in rows])
+    unsafe = np.array([not r.is_safe for r in rows], dtype=bool)
     k_pos, n_pos = int(flagged[unsafe].sum()), int(unsafe.sum())
     k_neg, n_neg = int(flagged[~unsafe].sum()), int((~unsafe).sum())
     return {
@@ -97,7 +97,9 @@ def main() -> None:
         idx = np.flatnonzero(mask)
         groups[name] = summary([rows[i] for i in idx], flagged[idx], scores[idx])
         for source in sorted({r.source for r in rows}):
-            sub = [i for i in idx if rows[i].source == source]
+            sub = np.array([i for i in idx if rows[i].source == source], dtype=int)
+            if not len(sub):
+                continue
             groups[f"{name} / {source}"] = summary([rows[i] for i in sub], flagged[sub], scores[sub])
     misses = [
         {"text": rows[i].prompt[:200], "score": round(float(scores[i]), 3)}
