@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-
 from external_detection import external_rows
+from safetensors.torch import load_file
+from train_default_detector import wilson
+
 from sapguard.bench.run import provenance
 from sapguard.data.records import read_jsonl
 from sapguard.data.splits import assign_groups
@@ -32,7 +33,6 @@ from sapguard.io import write_json
 from sapguard.models.loading import load_model
 from sapguard.polytope.artifact import default_polytope
 from sapguard.polytope.train import auroc, calibrate_offset, raw_scores, train_config_of, train_polytope
-from train_default_detector import wilson
 
 HERE = Path(__file__).resolve().parent
 
