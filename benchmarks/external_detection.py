@@ -9,6 +9,7 @@ Verdicts are what ``sap detect`` returns (the shipped 5 %-FPR threshold, calibra
 validation benign rows); recall and flagged rates carry 95 % Wilson intervals.
 
     python benchmarks/external_detection.py [--out benchmarks/results_external_detection.json]
+    python benchmarks/external_detection.py --polytope src/sapguard/assets/steering --out benchmarks/results_external_gate.json
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sapguard.data.wheels import PYRIT_WHEEL, fetch_wheel
 from sapguard.detect import scan
 from sapguard.io import write_json
 from sapguard.polytope.artifact import default_polytope
-from sapguard.polytope.model import polytope_config
+from sapguard.polytope.model import SafetyPolytope, polytope_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,9 +79,10 @@ def summary(rows: Sequence[Record], flagged: np.ndarray, scores: np.ndarray) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "results_external_detection.json")
+    parser.add_argument("--polytope", type=Path, help="another polytope directory (e.g. the steering gate); default: the shipped detector")
     args = parser.parse_args()
     rows, near = external_rows()
-    poly = default_polytope()
+    poly = SafetyPolytope.from_pretrained(args.polytope) if args.polytope else default_polytope()
     config = polytope_config(poly)
     start = time.perf_counter()
     verdicts = scan(poly, [r.prompt for r in rows], show_progress=True)
